@@ -1,0 +1,29 @@
+"""Shape of the video being processed, shared by every inflated layer of one VideoUNet.
+
+The UNet folds frames into the batch once, at entry: `b c f h w -> (b f) c h w`. Layers that mix
+frames (frame attention, temporal modules, video GroupNorm) need `f`, and frame attention needs the
+exact spatial grid of its UNet level: diffusers halves a side with ceil at every downsampler, so
+level k of an (h, w) latent is ceil(h / 2^k) x ceil(w / 2^k), odd sizes included.
+"""
+from __future__ import annotations
+
+
+class VideoContext:
+    def __init__(self):
+        self.num_frames = 1
+        self.latent_size = None  # (h, w) of the UNet input
+
+    def set(self, num_frames: int, height: int, width: int) -> None:
+        self.num_frames = num_frames
+        self.latent_size = (height, width)
+
+    def grid(self, level: int, num_tokens: int) -> tuple[int, int]:
+        """Spatial grid (h_k, w_k) of UNet level `level`; checked against the token count."""
+        if self.latent_size is None:
+            raise RuntimeError("VideoContext.grid called outside a VideoUNet forward")
+        h, w = self.latent_size
+        for _ in range(level):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w != num_tokens:
+            raise RuntimeError(f"level {level} of a {self.latent_size} latent is {h}x{w}, but got {num_tokens} tokens")
+        return h, w

@@ -1,0 +1,97 @@
+"""Frame attention: what replaces the self-attention (SA) of each transformer block (DESIGN §1.3, §1.5).
+
+Each processor keeps the pretrained W_q, W_k, W_v, W_out of SA and only changes which tokens a
+frame's queries attend to. The keys/values of frame i are gathered into a per-frame context
+`(b f) m c` and handed to diffusers' own SDPA processor as `encoder_hidden_states`, so the
+attention arithmetic itself is diffusers'.
+
+- `SparseCausalAttention` (Tune-A-Video): frame i attends to frames 0 and i-1 (frame 0 to itself).
+- `FineCoarseFrameAttention` (FFAM, EI²): frame i attends to all of its own tokens ("fine") and to
+  every other frame average-pooled by `coarse_factor` on the spatial grid ("coarse", ceil mode).
+  Pooling is done on hidden states, before W_k/W_v: projection and average pooling commute.
+  Scores per frame: hw * (hw + (f-1) * ceil(h/s) * ceil(w/s)).
+- `FullFrameAttention`: frame i attends to all tokens of all frames.
+With f = 1 each of them is exactly SA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+from einops import rearrange
+
+from .context import VideoContext
+
+
+class FrameAttentionProcessor:
+    """Base: build each frame's key/value tokens, then run diffusers' SDPA attention over them."""
+
+    def __init__(self, context: VideoContext, level: int):
+        self.context = context
+        self.level = level
+        self.attention = AttnProcessor2_0()
+
+    def frame_context(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c -> (b f) m c
+        raise NotImplementedError
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{type(self).__name__} is a self-attention processor; it takes no encoder states or mask")
+        keys_values = self.frame_context(hidden_states)
+        return self.attention(attn, hidden_states, encoder_hidden_states=keys_values, temb=temb)
+
+
+class SparseCausalAttention(FrameAttentionProcessor):
+    """Tune-A-Video's sparse-causal attention: keys of frame i are frames 0 and i-1."""
+
+    def frame_context(self, hidden_states):
+        f = self.context.num_frames
+        x = rearrange(hidden_states, "(b f) n c -> b f n c", f=f)
+        previous = (torch.arange(f, device=x.device) - 1).clamp(min=0)
+        # frame 0 sees [frame 0, frame 0]: duplicated keys give the same softmax as frame 0 alone
+        keys = torch.cat([x[:, [0] * f], x[:, previous]], dim=2)  # b f (2 n) c
+        return rearrange(keys, "b f m c -> (b f) m c")
+
+
+class FineCoarseFrameAttention(FrameAttentionProcessor):
+    """FFAM: fine tokens of frame i, then coarse (pooled) tokens of every other frame j != i, in order."""
+
+    def __init__(self, context: VideoContext, level: int, coarse_factor: int = 2):
+        super().__init__(context, level)
+        self.coarse_factor = coarse_factor
+
+    def frame_context(self, hidden_states):
+        f = self.context.num_frames
+        if f == 1:
+            return hidden_states
+        h, w = self.context.grid(self.level, hidden_states.shape[1])
+        s = self.coarse_factor
+        grid = rearrange(hidden_states, "bf (h w) c -> bf c h w", h=h, w=w)
+        # ceil mode without padding: a partial window at an odd edge averages its valid cells only
+        coarse = F.avg_pool2d(grid, kernel_size=s, stride=s, ceil_mode=True)
+        coarse = rearrange(coarse, "(b f) c h w -> b f (h w) c", f=f)
+        fine = rearrange(hidden_states, "(b f) n c -> b f n c", f=f)
+        others = torch.tensor([[j for j in range(f) if j != i] for i in range(f)], device=fine.device)  # f (f-1)
+        coarse_others = rearrange(coarse[:, others], "b f g m c -> b f (g m) c")
+        return rearrange(torch.cat([fine, coarse_others], dim=2), "b f m c -> (b f) m c")
+
+
+class FullFrameAttention(FrameAttentionProcessor):
+    """Every frame attends to all tokens of all frames of its clip."""
+
+    def frame_context(self, hidden_states):
+        f = self.context.num_frames
+        x = rearrange(hidden_states, "(b f) n c -> b (f n) c", f=f)
+        return x.repeat_interleave(f, dim=0)
+
+
+def frame_attention_processor(kind: str, context: VideoContext, level: int, coarse_factor: int):
+    if kind == "self":
+        return AttnProcessor2_0()
+    if kind == "sparse-causal":
+        return SparseCausalAttention(context, level)
+    if kind == "ffam":
+        return FineCoarseFrameAttention(context, level, coarse_factor)
+    if kind == "full":
+        return FullFrameAttention(context, level)
+    raise ValueError(f"unknown frame attention {kind!r}")

@@ -1,0 +1,126 @@
+"""Temporal modules: attention along frames at each spatial position (DESIGN §1.4, §1.5).
+
+Both fold space into the batch locally: `(b f) (h w) c -> (b h w) f c`, and back.
+
+- `ShiftRestrictedTemporalAttention` (STAM, seed eq. 19): STAM(z) = z + L̄(Ā(IC(z), IC(z))), with
+  instance centering IC instead of LayerNorm, and value map W_v and output map W_L normalised to
+  spectral norm 1. W_q = 0 and b_L = 0 at init, so STAM starts as the identity. By seed Prop. 1–3 its
+  mean shift is b_L and its covariance shift is at most ‖W_L‖²‖W_v‖²‖Σ(ẑ)‖ ≤ ‖Σ(z)‖.
+- `TemporalAttention` (TA, Tune-A-Video): z + W_out·Attn(LN(z)), output linear zero-initialised
+  (weight and bias: Tune-A-Video zeroes only the weight; zeroing the bias too makes TA the identity
+  at step 0 while keeping the same tensors).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+from einops import rearrange
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .context import VideoContext
+
+
+class InstanceCentering(nn.Module):
+    """IC: subtract, per channel, the mean over the frames of each position. No scale, no affine.
+
+    On `(b h w) f c`: µ(IC(z)) = 0 and Σ(IC(z)) = Σ(z) (seed A.5).
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z - z.mean(dim=1, keepdim=True)
+
+
+class SpectralNormalization(nn.Module):
+    """Parametrization W -> W / σ(W), with σ the largest singular value, computed once per change of W.
+
+    σ is recomputed only when the weight tensor changes (an optimiser step, a load): its version
+    counter is the key. So the forward pass and its recomputation under gradient checkpointing use
+    the same σ, and σ is converged, not one power-iteration step behind (as
+    torch.nn.utils.parametrizations.spectral_norm is in train mode). σ = uᵀWv with the cached singular
+    vectors u, v, so the gradient flows through σ as in spectral normalisation.
+    """
+
+    def __init__(self, tolerance: float = 1e-7, max_iterations: int = 200):
+        super().__init__()
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self._key = None
+        self._u = None
+        self._v = None
+
+    @torch.no_grad()
+    def _singular_vectors(self, weight: torch.Tensor):
+        w = weight.detach().float()
+        if self._v is None or self._v.shape[0] != w.shape[1]:
+            u, _, vh = torch.linalg.svd(w, full_matrices=False)
+            return u[:, 0], vh[0]
+        # power iteration warm-started from the previous step's vectors, run to convergence
+        v = self._v.to(w.device)
+        sigma = None
+        for _ in range(self.max_iterations):
+            u = torch.nn.functional.normalize(w @ v, dim=0)
+            v = torch.nn.functional.normalize(w.T @ u, dim=0)
+            new_sigma = torch.dot(u, w @ v)
+            if sigma is not None and abs(new_sigma - sigma) <= self.tolerance * new_sigma:
+                break
+            sigma = new_sigma
+        return u, v
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
+        if key != self._key:
+            self._u, self._v = self._singular_vectors(weight)
+            self._key = key
+        u, v = self._u.to(weight), self._v.to(weight)
+        sigma = torch.dot(u, weight @ v)
+        return weight / sigma
+
+
+def spectral_norm_of(linear: nn.Linear) -> float:
+    """‖W‖₂ of the weight a linear layer applies (after parametrizations)."""
+    return torch.linalg.matrix_norm(linear.weight.detach().float(), ord=2).item()
+
+
+def _fold(z: torch.Tensor, num_frames: int) -> torch.Tensor:
+    return rearrange(z, "(b f) n c -> (b n) f c", f=num_frames)
+
+
+def _unfold(z: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return rearrange(z, "(b n) f c -> (b f) n c", n=num_tokens)
+
+
+class ShiftRestrictedTemporalAttention(nn.Module):
+    """STAM (seed eq. 19). `attn` is a diffusers Attention; its W_v and W_L are spectrally normalised."""
+
+    def __init__(self, dim: int, heads: int, context: VideoContext):
+        super().__init__()
+        self.context = context
+        self.centering = InstanceCentering()
+        self.attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False, out_bias=True)
+        nn.init.zeros_(self.attn.to_q.weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+        parametrize.register_parametrization(self.attn.to_v, "weight", SpectralNormalization())
+        parametrize.register_parametrization(self.attn.to_out[0], "weight", SpectralNormalization())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c
+        z = _fold(hidden_states, self.context.num_frames)  # (b n) f c
+        z = z + self.attn(self.centering(z))
+        return _unfold(z, hidden_states.shape[1])
+
+
+class TemporalAttention(nn.Module):
+    """TA (Tune-A-Video): LayerNorm, attention over frames without positional encoding, output linear."""
+
+    def __init__(self, dim: int, heads: int, context: VideoContext):
+        super().__init__()
+        self.context = context
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=False, out_bias=True)
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c
+        z = _fold(hidden_states, self.context.num_frames)  # (b n) f c
+        z = z + self.attn(self.norm(z))
+        return _unfold(z, hidden_states.shape[1])

@@ -1,0 +1,320 @@
+"""VideoUNet: a pretrained diffusers UNet2DConditionModel inflated to video (DESIGN §1.2–1.5).
+
+Composition, not copies: the 2D UNet is kept whole, its self-attention processors are swapped for
+frame-attention processors, its transformer blocks are re-wired by `VideoTransformerBlock` (same
+submodules, plus a temporal module at the recipe's position) and, with `group_norm="video"`, its
+ResNet and output GroupNorms take statistics over all frames of a clip. Every 2D weight is the
+pretrained tensor itself.
+
+Frames are folded into the batch once, at entry, and unfolded once, at exit:
+    sample  b c f h w -> (b f) c h w,   text  b L D -> (b f) L D
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.utils import BaseOutput
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .context import VideoContext
+from .frame_attention import frame_attention_processor
+from .recipes import Recipe, get_recipe
+from .temporal import ShiftRestrictedTemporalAttention, TemporalAttention
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not fit this base model or recipe."""
+
+
+@dataclass
+class VideoUNetOutput(BaseOutput):
+    sample: torch.Tensor  # b c f h w
+
+
+class VideoGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics span all frames of a clip: (b f) c h w is normalised as b c (f h w)."""
+
+    def __init__(self, norm: nn.GroupNorm, context: VideoContext):
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+        self.weight, self.bias = norm.weight, norm.bias  # the pretrained tensors themselves
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.context.num_frames
+        x5 = rearrange(x, "(b f) c h w -> b c f h w", f=f)
+        x5 = F.group_norm(x5, self.num_groups, self.weight, self.bias, self.eps)
+        return rearrange(x5, "b c f h w -> (b f) c h w")
+
+
+class VideoTransformerBlock(nn.Module):
+    """A Stable Diffusion transformer block (pre-norm, residual) with a temporal module inserted.
+
+    Order is the recipe's: e.g. `ei2` runs FFAM -> STAM -> CA -> FF, `tune-a-video` SCA -> CA -> FF -> TA.
+    norm1/attn1/norm2/attn2/norm3/ff are the 2D block's own modules (attn1 with a frame-attention
+    processor); parameter names are unchanged.
+    """
+
+    def __init__(self, block: BasicTransformerBlock, temporal: nn.Module | None, position: str):
+        super().__init__()
+        unsupported = (
+            block.norm_type != "layer_norm" or block.only_cross_attention or block.pos_embed is not None
+            or block.attn2 is None or getattr(block, "fuser", None) is not None
+        )
+        if unsupported:
+            raise ValueError("only Stable Diffusion 1.x/2.x transformer blocks (layer_norm, self+cross attention) can be inflated")
+        self.norm1, self.attn1 = block.norm1, block.attn1
+        self.norm2, self.attn2 = block.norm2, block.attn2
+        self.norm3, self.ff = block.norm3, block.ff
+        self.position = position
+        # registered under its own name (`stam` or `temporal_attention`) so parameter names say what it is
+        self.temporal_name = None
+        if temporal is not None:
+            self.temporal_name = "stam" if isinstance(temporal, ShiftRestrictedTemporalAttention) else "temporal_attention"
+            self.add_module(self.temporal_name, temporal)
+
+    @property
+    def temporal(self) -> nn.Module | None:
+        return getattr(self, self.temporal_name) if self.temporal_name else None
+
+    def _temporal(self, hidden_states, position):
+        if self.temporal_name is not None and self.position == position:
+            return self.temporal(hidden_states)
+        return hidden_states
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None):
+        kwargs = cross_attention_kwargs or {}
+        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+        hidden_states = self._temporal(hidden_states, "after-self")
+        hidden_states = hidden_states + self.attn2(
+            self.norm2(hidden_states), encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask, **kwargs,
+        )
+        hidden_states = self._temporal(hidden_states, "after-cross")
+        hidden_states = hidden_states + self.ff(self.norm3(hidden_states))
+        return self._temporal(hidden_states, "after-ff")
+
+
+def _transformer_levels(unet: UNet2DConditionModel):
+    """Yield (transformer_2d, level): the spatial level of every Transformer2DModel, from the block structure."""
+    level = 0
+    for block in unet.down_blocks:
+        for t in getattr(block, "attentions", None) or []:
+            yield t, level
+        if getattr(block, "downsamplers", None):
+            level += 1
+    for t in getattr(unet.mid_block, "attentions", None) or []:
+        yield t, level
+    for block in unet.up_blocks:
+        for t in getattr(block, "attentions", None) or []:
+            yield t, level
+        if getattr(block, "upsamplers", None):
+            level -= 1
+
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """A short digest of a 2D UNet: its config and, per tensor, name, shape and a few statistics."""
+    digest = hashlib.sha256()
+    config = dict(getattr(unet, "config", {}))
+    digest.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(unet.state_dict().items()):
+            t = tensor.detach().float().flatten()
+            stats = torch.stack([t.sum(), t.abs().sum(), t[: min(8, t.numel())].sum()]).cpu()
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(stats.double().numpy().round(3).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class VideoUNet(nn.Module):
+    """A text-to-video UNet made from a text-to-image UNet and a `Recipe`.
+
+    Call with `sample` (b, c, f, h, w), `timestep` (scalar or (b,)), `encoder_hidden_states` (b, L, D).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: str):
+        super().__init__()
+        self.unet = unet
+        self.recipe = recipe
+        self.base_fingerprint = fingerprint
+        self.context = VideoContext()
+        self._inflate()
+
+    @classmethod
+    def from_2d(cls, unet2d: UNet2DConditionModel, recipe: "str | Recipe" = "ei2", adapter: str | Path | None = None,
+                copy_weights: bool = True) -> "VideoUNet":
+        """Inflate `unet2d` with `recipe` (a name in `ei2.RECIPES` or a `Recipe`).
+
+        The 2D model is deep-copied unless `copy_weights=False` (then it is modified in place, saving memory).
+        With `adapter`, its tuned tensors are loaded (and its recipe is used when `recipe` is None).
+        """
+        if recipe is None:
+            if adapter is None:
+                raise ValueError("give a recipe or an adapter")
+            recipe = cls.read_adapter_recipe(adapter)
+        recipe = get_recipe(recipe)
+        fingerprint = base_fingerprint(unet2d)
+        unet = copy.deepcopy(unet2d) if copy_weights else unet2d
+        model = cls(unet, recipe, fingerprint)
+        if adapter is not None:
+            model.load_adapter(adapter)
+        return model
+
+    def _inflate(self):
+        recipe, context, unet = self.recipe, self.context, self.unet
+        unet.set_attn_processor(AttnProcessor2_0())
+        for transformer, level in list(_transformer_levels(unet)):
+            blocks = transformer.transformer_blocks
+            for i, block in enumerate(blocks):
+                heads = block.attn1.heads
+                dim = block.norm1.normalized_shape[0]
+                block.attn1.set_processor(
+                    frame_attention_processor(recipe.frame_attention, context, level, recipe.coarse_factor)
+                )
+                temporal = {
+                    "none": lambda: None,
+                    "stam": lambda: ShiftRestrictedTemporalAttention(dim, heads, context),
+                    "ta": lambda: TemporalAttention(dim, heads, context),
+                }[recipe.temporal]()
+                if temporal is not None:
+                    temporal.to(device=block.norm1.weight.device, dtype=block.norm1.weight.dtype)
+                blocks[i] = VideoTransformerBlock(block, temporal, recipe.temporal_position)
+        if recipe.group_norm == "video":
+            for resnet in [m for m in unet.modules() if isinstance(m, ResnetBlock2D)]:
+                resnet.norm1 = VideoGroupNorm(resnet.norm1, context)
+                resnet.norm2 = VideoGroupNorm(resnet.norm2, context)
+            if unet.conv_norm_out is not None:
+                unet.conv_norm_out = VideoGroupNorm(unet.conv_norm_out, context)
+
+    # ---- diffusers-like properties -------------------------------------------------------------
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def enable_gradient_checkpointing(self):
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self):
+        self.unet.disable_gradient_checkpointing()
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                cross_attention_kwargs: dict | None = None, return_dict: bool = True):
+        if sample.ndim != 5:
+            raise ValueError(f"sample must be (b, c, f, h, w), got shape {tuple(sample.shape)}")
+        b, _, f, h, w = sample.shape
+        if encoder_hidden_states.shape[0] != b:
+            raise ValueError(f"text embeddings have batch {encoder_hidden_states.shape[0]}, latents have {b}")
+        self.context.set(f, h, w)
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        if timestep.ndim == 1 and timestep.shape[0] == b:
+            timestep = timestep.repeat_interleave(f)  # (b f)
+        out = self.unet(
+            rearrange(sample, "b c f h w -> (b f) c h w"),
+            timestep,
+            encoder_hidden_states.repeat_interleave(f, dim=0),  # (b f) L D
+            cross_attention_kwargs=cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+        out = rearrange(out, "(b f) c h w -> b c f h w", f=f)
+        return VideoUNetOutput(sample=out) if return_dict else (out,)
+
+    # ---- tuning --------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every tensor the recipe tunes; names are relative to the 2D UNet."""
+        return [(name, p) for name, p in self.unet.named_parameters() if self.recipe.is_trainable("unet." + name)]
+
+    def set_trainable(self) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze the recipe's trainable tensors; returns them."""
+        self.requires_grad_(False)
+        params = [p for _, p in self.trainable_parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the tuned tensors (safetensors) and the recipe + base fingerprint (JSON), atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.trainable_parameters()}
+        meta = {
+            "format": "ei2-adapter",
+            "version": 1,
+            "recipe": self.recipe.to_dict(),
+            "base_fingerprint": self.base_fingerprint,
+            "tensors": len(tensors),
+        }
+        tmp_w, tmp_c = directory / (ADAPTER_WEIGHTS + ".tmp"), directory / (ADAPTER_CONFIG + ".tmp")
+        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
+        tmp_c.write_text(json.dumps(meta, indent=2))
+        tmp_w.replace(directory / ADAPTER_WEIGHTS)
+        tmp_c.replace(directory / ADAPTER_CONFIG)
+        return directory
+
+    @staticmethod
+    def _read_adapter_meta(directory: str | Path) -> dict:
+        directory = Path(directory)
+        path = directory / ADAPTER_CONFIG
+        if not path.is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+            raise AdapterMismatchError(
+                f"{directory} is not an ei2 adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); make one with `ei2 tune`"
+            )
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise AdapterMismatchError(f"{path} is not valid JSON ({e}); re-create the adapter with `ei2 tune`") from e
+        if meta.get("format") != "ei2-adapter":
+            raise AdapterMismatchError(f"{path} is not an ei2 adapter file")
+        return meta
+
+    @classmethod
+    def read_adapter_recipe(cls, directory: str | Path) -> Recipe:
+        return Recipe.from_dict(cls._read_adapter_meta(directory)["recipe"])
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load tuned tensors; refuses an adapter made for another base model or another recipe."""
+        meta = self._read_adapter_meta(directory)
+        recipe = Recipe.from_dict(meta["recipe"])
+        if recipe != self.recipe:
+            raise AdapterMismatchError(
+                f"adapter {directory} was tuned with recipe {recipe.name!r}, this model uses {self.recipe.name!r}; "
+                f"pass --recipe {recipe.name} (or no --recipe) to use it"
+            )
+        if meta["base_fingerprint"] != self.base_fingerprint:
+            raise AdapterMismatchError(
+                f"adapter {directory} was tuned on another base model (fingerprint {meta['base_fingerprint']}, "
+                f"this model is {self.base_fingerprint}); use the --model it was made with, or tune again"
+            )
+        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        own = dict(self.trainable_parameters())
+        if set(tensors) != set(own):
+            raise AdapterMismatchError(f"adapter {directory} holds other tensors than recipe {recipe.name!r} tunes")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if value.shape != own[name].shape:
+                    raise AdapterMismatchError(f"adapter tensor {name} has shape {tuple(value.shape)}, model has {tuple(own[name].shape)}")
+                own[name].copy_(value)
