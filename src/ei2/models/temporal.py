@@ -41,7 +41,7 @@ class SpectralNormalization(nn.Module):
     vectors u, v, so the gradient flows through σ as in spectral normalisation.
     """
 
-    def __init__(self, tolerance: float = 1e-7, max_iterations: int = 200):
+    def __init__(self, tolerance: float = 1e-5, max_iterations: int = 50):
         super().__init__()
         self.tolerance = tolerance
         self.max_iterations = max_iterations
@@ -52,20 +52,20 @@ class SpectralNormalization(nn.Module):
     @torch.no_grad()
     def _singular_vectors(self, weight: torch.Tensor):
         w = weight.detach().float()
-        if self._v is None or self._v.shape[0] != w.shape[1]:
-            u, _, vh = torch.linalg.svd(w, full_matrices=False)
-            return u[:, 0], vh[0]
-        # power iteration warm-started from the previous step's vectors, run to convergence
-        v = self._v.to(w.device)
-        sigma = None
-        for _ in range(self.max_iterations):
-            u = torch.nn.functional.normalize(w @ v, dim=0)
-            v = torch.nn.functional.normalize(w.T @ u, dim=0)
-            new_sigma = torch.dot(u, w @ v)
-            if sigma is not None and abs(new_sigma - sigma) <= self.tolerance * new_sigma:
-                break
-            sigma = new_sigma
-        return u, v
+        if self._v is not None and self._v.shape[0] == w.shape[1]:
+            # power iteration warm-started from the previous step's vectors, run until (u, v) is a
+            # singular pair (residual ‖Wᵀu − σv‖ ≤ tol·σ, so σ is off by ~tol²); else exact SVD
+            v = self._v.to(w.device)
+            for _ in range(self.max_iterations):
+                u = torch.nn.functional.normalize(w @ v, dim=0)
+                wt_u = w.T @ u
+                sigma = wt_u.norm()
+                converged = (wt_u - sigma * v).norm() <= self.tolerance * sigma
+                v = wt_u / sigma
+                if converged:
+                    return u, v
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, 0], vh[0]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         key = (weight._version, weight.data_ptr(), weight.device, weight.shape)

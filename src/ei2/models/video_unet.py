@@ -147,21 +147,26 @@ class VideoUNet(nn.Module):
     Call with `sample` (b, c, f, h, w), `timestep` (scalar or (b,)), `encoder_hidden_states` (b, L, D).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: str):
+    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: str, init_seed: int = 0):
         super().__init__()
         self.unet = unet
         self.recipe = recipe
         self.base_fingerprint = fingerprint
         self.context = VideoContext()
-        self._inflate()
+        # new temporal modules are initialised from their own seed: the same inflation every time,
+        # whatever the global RNG state (reproducible runs, resumable tuning)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self._inflate()
 
     @classmethod
     def from_2d(cls, unet2d: UNet2DConditionModel, recipe: "str | Recipe" = "ei2", adapter: str | Path | None = None,
-                copy_weights: bool = True) -> "VideoUNet":
+                copy_weights: bool = True, init_seed: int = 0) -> "VideoUNet":
         """Inflate `unet2d` with `recipe` (a name in `ei2.RECIPES` or a `Recipe`).
 
         The 2D model is deep-copied unless `copy_weights=False` (then it is modified in place, saving memory).
         With `adapter`, its tuned tensors are loaded (and its recipe is used when `recipe` is None).
+        New temporal modules are initialised from `init_seed`, not from the global RNG.
         """
         if recipe is None:
             if adapter is None:
@@ -170,7 +175,7 @@ class VideoUNet(nn.Module):
         recipe = get_recipe(recipe)
         fingerprint = base_fingerprint(unet2d)
         unet = copy.deepcopy(unet2d) if copy_weights else unet2d
-        model = cls(unet, recipe, fingerprint)
+        model = cls(unet, recipe, fingerprint, init_seed=init_seed)
         if adapter is not None:
             model.load_adapter(adapter)
         return model

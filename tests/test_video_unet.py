@@ -1,0 +1,324 @@
+"""The inflated video UNet against independent references: the 2D UNet frame by frame, naive loops."""
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from ei2 import RECIPES, AdapterMismatchError, Recipe, VideoUNet
+from ei2.models import ShiftRestrictedTemporalAttention, TemporalAttention
+from ei2.models.temporal import spectral_norm_of
+
+torch.set_num_threads(2)
+
+
+def tiny_unet(seed=0, sd2=False):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 16, 32, 32), norm_num_groups=8, cross_attention_dim=16,
+        attention_head_dim=(2, 4, 4, 8) if sd2 else 4, use_linear_projection=sd2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+
+
+def video(f, h=13, w=10, b=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, f, h, w, generator=g), torch.randn(b, 7, 16, generator=g)
+
+
+def per_frame(unet2d, x, t, text):
+    """The 2D UNet applied to each frame on its own: the reference an identity inflation must match."""
+    frames = [unet2d(x[:, :, i], t, text).sample for i in range(x.shape[2])]
+    return torch.stack(frames, dim=2)
+
+
+def perturb_trainable(vu, scale=0.05, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in vu.trainable_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def unet2d():
+    return tiny_unet()
+
+
+# ---- weights -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_2d_parameter_is_copied_exactly(unet2d, recipe):
+    vu = VideoUNet.from_2d(unet2d, recipe)
+    inflated = vu.unet.state_dict()
+    for name, tensor in unet2d.state_dict().items():
+        assert name in inflated, name
+        assert torch.equal(inflated[name], tensor), name
+    new = set(inflated) - set(unet2d.state_dict())
+    assert new and all((".stam." in n) or (".temporal_attention." in n) for n in new)
+
+
+# ---- identity at init --------------------------------------------------------------------------
+def test_stam_is_identity_at_init_against_2d_frame_by_frame(unet2d):
+    recipe = Recipe("self+stam", frame_attention="self", temporal="stam", group_norm="frame")
+    vu = VideoUNet.from_2d(unet2d, recipe)
+    x, text = video(5)
+    with torch.no_grad():
+        got = vu(x, 10, text).sample
+        want = per_frame(unet2d, x, 10, text)
+    assert (got - want).abs().max() <= 1e-5
+
+
+def test_tune_a_video_on_identical_frames_equals_2d(unet2d):
+    vu = VideoUNet.from_2d(unet2d, "tune-a-video")
+    x, text = video(1)
+    x = x.repeat(1, 1, 4, 1, 1)
+    with torch.no_grad():
+        got = vu(x, 10, text).sample
+        want = unet2d(x[:, :, 0], 10, text).sample
+    assert (got - want[:, :, None]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sd2", [False, True])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_on_one_frame_equals_2d(recipe, sd2):
+    unet2d = tiny_unet(sd2=sd2)
+    vu = VideoUNet.from_2d(unet2d, recipe)
+    x, text = video(1, h=9, w=14, b=2)
+    t = torch.tensor([5, 700])
+    with torch.no_grad():
+        got = vu(x, t, text).sample
+        want = unet2d(x[:, :, 0], t, text).sample
+    assert got.shape == x.shape
+    assert (got[:, :, 0] - want).abs().max() <= 1e-5
+
+
+def test_video_groupnorm_uses_statistics_of_all_frames(unet2d):
+    """With `video` GroupNorm the frames are no longer independent; with `frame` they are."""
+    x, text = video(3)
+    x2 = x.clone()
+    x2[:, :, 2] += 3.0  # change the last frame only
+    for mode, should_change in (("frame", False), ("video", True)):
+        vu = VideoUNet.from_2d(unet2d, Recipe(mode, "self", "none", group_norm=mode))
+        with torch.no_grad():
+            a, b = vu(x, 10, text).sample[:, :, 0], vu(x2, 10, text).sample[:, :, 0]
+        assert ((a - b).abs().max() > 1e-4) == should_change, mode
+
+
+# ---- frame attention against naive loops ---------------------------------------------------------
+def naive_attention(attn, queries, keys):
+    """softmax(Q Kᵀ/√d) V per head, written out head by head, then W_out."""
+    q, k, v = attn.to_q(queries), attn.to_k(keys), attn.to_v(keys)
+    d = q.shape[-1] // attn.heads
+    heads = []
+    for h in range(attn.heads):
+        qh, kh, vh = (t[:, h * d:(h + 1) * d] for t in (q, k, v))
+        scores = qh @ kh.T / math.sqrt(d)
+        heads.append(torch.softmax(scores, dim=-1) @ vh)
+    return attn.to_out[0](torch.cat(heads, dim=-1))
+
+
+def naive_pool(tokens, h, w, s):
+    """Average pooling with explicit windows; a partial window at an edge averages its valid cells."""
+    grid = tokens.reshape(h, w, -1)
+    cells = []
+    for a in range(0, h, s):
+        for b in range(0, w, s):
+            cells.append(grid[a:min(a + s, h), b:min(b + s, w)].reshape(-1, grid.shape[-1]).mean(0))
+    return torch.stack(cells)
+
+
+def naive_keys(kind, frames, i, h, w, s):
+    f = len(frames)
+    if kind == "ffam":
+        return torch.cat([frames[i]] + [naive_pool(frames[j], h, w, s) for j in range(f) if j != i])
+    if kind == "sparse-causal":
+        return frames[0] if i == 0 else torch.cat([frames[0], frames[i - 1]])
+    if kind == "full":
+        return torch.cat(frames)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind,s", [("ffam", 2), ("ffam", 3), ("sparse-causal", 2), ("full", 2)])
+def test_frame_attention_matches_naive_loops_on_odd_non_square_latents(unet2d, kind, s):
+    recipe = Recipe(kind, frame_attention=kind, temporal="none", coarse_factor=s)
+    vu = VideoUNet.from_2d(unet2d, recipe)
+    f, b = 4, 2
+    x, text = video(f, h=13, w=10, b=b)
+    grids, records = {}, []
+
+    # the grid of each level, read independently from the 4-D input of each Transformer2DModel
+    def grid_hook(module, args):
+        grids[module] = args[0].shape[-2:]
+
+    for m in vu.unet.modules():
+        if isinstance(m, Transformer2DModel):
+            m.register_forward_pre_hook(grid_hook)
+            for block in m.transformer_blocks:
+                block.attn1.register_forward_hook(
+                    lambda mod, args, out, parent=m: records.append((mod, grids[parent], args[0], out))
+                )
+    with torch.no_grad():
+        vu(x, 10, text)
+        assert {tuple(g) for g in grids.values()} == {(13, 10), (7, 5), (4, 3), (2, 2)}
+        for attn, (h, w), hidden, out in records:
+            hidden = hidden.reshape(b, f, h * w, -1)
+            out = out.reshape(b, f, h * w, -1)
+            for bi in range(b):
+                frames = list(hidden[bi])
+                for i in range(f):
+                    want = naive_attention(attn, frames[i], naive_keys(kind, frames, i, h, w, s))
+                    assert (out[bi, i] - want).abs().max() <= 1e-5
+
+
+# ---- STAM ----------------------------------------------------------------------------------------
+def test_instance_centering_zero_mean_and_same_covariance():
+    from ei2.models import InstanceCentering
+
+    z = torch.randn(64, 8, 6, dtype=torch.float64) * 3 + 5  # (positions, frames, channels)
+    zc = InstanceCentering()(z)
+    assert zc.mean(dim=1).abs().max() <= 1e-12
+    cov = lambda t: torch.einsum("pfc,pfd->cd", t - t.mean(1, keepdim=True), t - t.mean(1, keepdim=True))
+    assert torch.allclose(cov(zc), cov(z), atol=1e-9)
+
+
+def test_spectral_norms_stay_at_most_one_after_adamw_steps(unet2d):
+    vu = VideoUNet.from_2d(unet2d, "ei2")
+    params = vu.set_trainable()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, text = video(3, h=8, w=8)
+    target = torch.randn_like(x)
+    stams = [m for m in vu.modules() if isinstance(m, ShiftRestrictedTemporalAttention)]
+    assert len(stams) == 10
+    raw_norm_before = spectral_norm_of_raw(stams[0])
+    for _ in range(50):
+        loss = torch.nn.functional.mse_loss(vu(x, 500, text).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for m in stams:
+            assert spectral_norm_of(m.attn.to_v) <= 1 + 1e-3
+            assert spectral_norm_of(m.attn.to_out[0]) <= 1 + 1e-3
+    assert spectral_norm_of_raw(stams[0]) != raw_norm_before  # the raw weights did move
+
+
+def spectral_norm_of_raw(stam):
+    raw = stam.attn.to_v.parametrizations.weight.original
+    return torch.linalg.matrix_norm(raw.detach(), 2).item()
+
+
+def test_stam_mean_and_covariance_shift_follow_the_seed_propositions():
+    """i.i.d. Gaussian frames (seed Prop. 1): mean shift -> b_L; covariance shift <= ‖W_L‖²‖W_v‖²‖Σ(ẑ)‖ (Prop. 3)."""
+    from ei2.models.context import VideoContext
+
+    torch.manual_seed(0)
+    d, f, n = 8, 6, 20000
+    ctx = VideoContext()
+    ctx.num_frames = f
+    stam = ShiftRestrictedTemporalAttention(d, heads=2, context=ctx).double()
+    with torch.no_grad():
+        stam.attn.to_q.weight.normal_(0, 0.5)  # a tuned, non-uniform attention
+        stam.attn.to_out[0].bias.normal_(0, 0.3)
+    mu = torch.linspace(-1, 1, d, dtype=torch.float64)
+    a = torch.randn(d, d, dtype=torch.float64) / math.sqrt(d)
+    sigma = a @ a.T + 0.5 * torch.eye(d, dtype=torch.float64)
+    z = torch.distributions.MultivariateNormal(mu, sigma).sample((n, f))  # (positions, frames, d)
+    with torch.no_grad():
+        out = stam_on_frames(stam, z)
+    shift = out - z
+    b_l = stam.attn.to_out[0].bias.detach()
+    standard_error = shift.reshape(-1, d).std(0) / math.sqrt(n)  # rows of one position are correlated: use n
+    assert ((shift.reshape(-1, d).mean(0) - b_l).abs() <= 5 * standard_error + 1e-6).all()
+
+    cov = lambda t: torch.cov(t.reshape(-1, d).T)
+    z_hat = z - z.mean(dim=1, keepdim=True)
+    w_l, w_v = stam.attn.to_out[0].weight.detach(), stam.attn.to_v.weight.detach()
+    bound = (torch.linalg.matrix_norm(w_l, 2) ** 2 * torch.linalg.matrix_norm(w_v, 2) ** 2
+             * torch.linalg.matrix_norm(cov(z_hat), 2))
+    covariance_shift = torch.linalg.matrix_norm(cov(out) - cov(z), 2)
+    assert 0 < covariance_shift <= bound * 1.02
+    assert abs(bound / torch.linalg.matrix_norm(cov(z_hat), 2) - 1) < 1e-6  # ‖W_L‖ = ‖W_v‖ = 1
+
+
+def stam_on_frames(stam, z):
+    """Run STAM on (positions, frames, d) given as one position per 'token': (f, n, d) is (b f) n c with b = 1."""
+    n, f, d = z.shape
+    hidden = z.transpose(0, 1).reshape(f, n, d)  # (b f) n c with b = 1
+    return stam(hidden).reshape(f, n, d).transpose(0, 1)
+
+
+# ---- tuning: trainable set and gradients ---------------------------------------------------------
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_trainable_set_matches_recipe(unet2d, recipe):
+    vu = VideoUNet.from_2d(unet2d, recipe)
+    params = vu.set_trainable()
+    names = {n for n, p in vu.unet.named_parameters() if p.requires_grad}
+    assert len(params) == len(names) > 0
+    temporal = "stam" if RECIPES[recipe].temporal == "stam" else "temporal_attention"
+    for name in names:
+        assert ".attn1.to_q." in name or ".attn2.to_q." in name or f".{temporal}.attn." in name or f".{temporal}." in name
+    n_blocks = sum(1 for n in names if n.endswith("attn1.to_q.weight"))
+    assert n_blocks == 10 == sum(1 for n in names if n.endswith("attn2.to_q.weight"))
+    assert not any(".norm." in n for n in names)  # TA's LayerNorm is frozen, as in Tune-A-Video
+    assert not any(".to_k." in n and ".attn1." in n for n in names)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_gradient_checkpointing_gives_the_same_nonzero_gradients(unet2d, recipe):
+    x, text = video(3, h=9, w=8)
+    target = torch.randn_like(x)
+    grads = []
+    for checkpointing in (False, True):
+        vu = VideoUNet.from_2d(unet2d, recipe)
+        perturb_trainable(vu)  # past step 0: zero-initialised maps pass no gradient to their neighbours
+        vu.set_trainable()
+        vu.train()
+        if checkpointing:
+            vu.enable_gradient_checkpointing()
+        loss = torch.nn.functional.mse_loss(vu(x, 400, text).sample, target)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in vu.trainable_parameters()})
+    plain, ckpt = grads
+    assert any(n.startswith("down_blocks.") for n in ckpt)
+    for name in plain:
+        assert ckpt[name].abs().max() > 0, f"{name} got no gradient under checkpointing"
+        rel = (ckpt[name] - plain[name]).norm() / plain[name].norm()
+        assert rel <= 1e-5, (name, rel.item())
+
+
+# ---- adapters --------------------------------------------------------------------------------------
+def test_adapter_round_trip_is_exact_and_holds_only_trainable_tensors(unet2d, tmp_path):
+    from safetensors.torch import load_file
+
+    vu = VideoUNet.from_2d(unet2d, "ei2")
+    perturb_trainable(vu)
+    vu.save_adapter(tmp_path / "a")
+    saved = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    assert set(saved) == {n for n, _ in vu.trainable_parameters()}
+    restored = VideoUNet.from_2d(unet2d, adapter=tmp_path / "a", recipe=None)
+    fresh = VideoUNet.from_2d(unet2d, "ei2")
+    x, text = video(3)
+    with torch.no_grad():
+        assert torch.equal(restored(x, 10, text).sample, vu(x, 10, text).sample)
+        assert not torch.equal(fresh(x, 10, text).sample, vu(x, 10, text).sample)
+
+
+def test_mismatched_adapter_is_refused(unet2d, tmp_path):
+    vu = VideoUNet.from_2d(unet2d, "ei2")
+    vu.save_adapter(tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        VideoUNet.from_2d(tiny_unet(seed=5), "ei2").load_adapter(tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="recipe 'ei2'.*'tune-a-video'"):
+        VideoUNet.from_2d(unet2d, "tune-a-video").load_adapter(tmp_path / "a")
+    with pytest.raises(AdapterMismatchError, match="not an ei2 adapter"):
+        vu.load_adapter(tmp_path / "missing")
+
+
+def test_ta_zero_initialised_output_and_frozen_norm(unet2d):
+    vu = VideoUNet.from_2d(unet2d, "tune-a-video")
+    tas = [m for m in vu.modules() if isinstance(m, TemporalAttention)]
+    assert len(tas) == 10
+    for ta in tas:
+        assert not ta.attn.to_out[0].weight.any() and not ta.attn.to_out[0].bias.any()
+        assert ta.attn.to_q.weight.any()
