@@ -1,4 +1,5 @@
 """The inflated video UNet against independent references: the 2D UNet frame by frame, naive loops."""
+import copy
 import math
 
 import pytest
@@ -311,6 +312,8 @@ def test_mismatched_adapter_is_refused(unet2d, tmp_path):
         VideoUNet.from_2d(tiny_unet(seed=5), "ei2").load_adapter(tmp_path / "a")
     with pytest.raises(AdapterMismatchError, match="recipe 'ei2'.*'tune-a-video'"):
         VideoUNet.from_2d(unet2d, "tune-a-video").load_adapter(tmp_path / "a")
+    # the same base weights in another dtype are the same base model
+    VideoUNet.from_2d(copy.deepcopy(unet2d).half(), "ei2").load_adapter(tmp_path / "a")
     with pytest.raises(AdapterMismatchError, match="not an ei2 adapter"):
         vu.load_adapter(tmp_path / "missing")
 
@@ -322,3 +325,19 @@ def test_ta_zero_initialised_output_and_frozen_norm(unet2d):
     for ta in tas:
         assert not ta.attn.to_out[0].weight.any() and not ta.attn.to_out[0].bias.any()
         assert ta.attn.to_q.weight.any()
+
+
+def test_tune_a_video_weights_load_by_their_own_names(unet2d):
+    """A state dict in Tune-A-Video's naming (attn_temp / norm_temp) loads into the `tune-a-video` recipe."""
+    source = VideoUNet.from_2d(unet2d, "tune-a-video")
+    perturb_trainable(source)
+    tav_state = {k.replace(".temporal_attention.attn.", ".attn_temp.").replace(".temporal_attention.norm.", ".norm_temp."): v
+                 for k, v in source.unet.state_dict().items()}
+    assert any(".attn_temp.to_q." in k for k in tav_state) and any(".norm_temp.weight" in k for k in tav_state)
+    target = VideoUNet.from_2d(unet2d, "tune-a-video")
+    target.load_tune_a_video(tav_state)
+    x, text = video(3)
+    with torch.no_grad():
+        assert torch.equal(target(x, 10, text).sample, source(x, 10, text).sample)
+    with pytest.raises(ValueError, match="missing"):
+        target.load_tune_a_video({k: v for k, v in tav_state.items() if "attn_temp" not in k})

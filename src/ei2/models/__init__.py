@@ -2,10 +2,10 @@
 from .frame_attention import FineCoarseFrameAttention, FullFrameAttention, SparseCausalAttention
 from .recipes import RECIPES, Recipe, get_recipe
 from .temporal import InstanceCentering, ShiftRestrictedTemporalAttention, SpectralNormalization, TemporalAttention
-from .video_unet import AdapterMismatchError, VideoTransformerBlock, VideoUNet, VideoUNetOutput, base_fingerprint
+from .video_unet import AdapterMismatchError, VideoTransformerBlock, VideoUNet, VideoUNetOutput, BaseFingerprint
 
 __all__ = [
     "RECIPES", "Recipe", "get_recipe", "VideoUNet", "VideoUNetOutput", "VideoTransformerBlock", "AdapterMismatchError",
     "FineCoarseFrameAttention", "SparseCausalAttention", "FullFrameAttention", "InstanceCentering",
-    "ShiftRestrictedTemporalAttention", "TemporalAttention", "SpectralNormalization", "base_fingerprint",
+    "ShiftRestrictedTemporalAttention", "TemporalAttention", "SpectralNormalization", "BaseFingerprint",
 ]

@@ -127,18 +127,46 @@ def _transformer_levels(unet: UNet2DConditionModel):
             level -= 1
 
 
-def base_fingerprint(unet: nn.Module) -> str:
-    """A short digest of a 2D UNet: its config and, per tensor, name, shape and a few statistics."""
-    digest = hashlib.sha256()
-    config = dict(getattr(unet, "config", {}))
-    digest.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in sorted(unet.state_dict().items()):
-            t = tensor.detach().float().flatten()
-            stats = torch.stack([t.sum(), t.abs().sum(), t[: min(8, t.numel())].sum()]).cpu()
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
-            digest.update(stats.double().numpy().round(3).tobytes())
-    return digest.hexdigest()[:16]
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """Identifies a 2D UNet across dtypes and devices.
+
+    `structure`: digest of its config and tensor names/shapes, compared exactly. `values`: per tensor,
+    the mean |w| and the mean of its first 64 entries, compared with a relative tolerance, so the same
+    weights in fp16 and fp32 match while another checkpoint of the same architecture does not.
+    """
+
+    structure: str
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, unet: nn.Module) -> "BaseFingerprint":
+        digest = hashlib.sha256()
+        config = {k: v for k, v in dict(getattr(unet, "config", {})).items() if not k.startswith("_")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        values = []
+        with torch.no_grad():
+            for name, tensor in sorted(unet.state_dict().items()):
+                digest.update(f"{name}{tuple(tensor.shape)}".encode())
+                t = tensor.detach().flatten().float()
+                values += [t.abs().mean().item(), t[:64].mean().item()]
+        return cls(digest.hexdigest()[:16], tuple(round(v, 7) for v in values))
+
+    def matches(self, other: "BaseFingerprint", rtol: float = 2e-3, atol: float = 1e-5) -> bool:
+        return self.structure == other.structure and all(
+            abs(a - b) <= atol + rtol * max(abs(a), abs(b)) for a, b in zip(self.values, other.values)
+        )
+
+    def to_dict(self) -> dict:
+        return {"structure": self.structure, "values": list(self.values)}
+
+    def __str__(self) -> str:  # a short id, e.g. for cache keys
+        values = hashlib.sha256(" ".join(f"{v:.3g}" for v in self.values).encode()).hexdigest()[:8]
+        return f"{self.structure}-{values}"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BaseFingerprint":
+        return cls(data["structure"], tuple(data["values"]))
 
 
 class VideoUNet(nn.Module):
@@ -147,7 +175,7 @@ class VideoUNet(nn.Module):
     Call with `sample` (b, c, f, h, w), `timestep` (scalar or (b,)), `encoder_hidden_states` (b, L, D).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: str, init_seed: int = 0):
+    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: BaseFingerprint, init_seed: int = 0):
         super().__init__()
         self.unet = unet
         self.recipe = recipe
@@ -173,7 +201,7 @@ class VideoUNet(nn.Module):
                 raise ValueError("give a recipe or an adapter")
             recipe = cls.read_adapter_recipe(adapter)
         recipe = get_recipe(recipe)
-        fingerprint = base_fingerprint(unet2d)
+        fingerprint = BaseFingerprint.of(unet2d)
         unet = copy.deepcopy(unet2d) if copy_weights else unet2d
         model = cls(unet, recipe, fingerprint, init_seed=init_seed)
         if adapter is not None:
@@ -260,6 +288,23 @@ class VideoUNet(nn.Module):
             p.requires_grad_(True)
         return params
 
+    def load_tune_a_video(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a Tune-A-Video UNet state dict (its `attn_temp`/`norm_temp` names) into a TA recipe.
+
+        Tune-A-Video's 2D parts have diffusers' names; its temporal module is `attn_temp` (attention)
+        and `norm_temp` (LayerNorm), here `temporal_attention.attn` and `temporal_attention.norm`.
+        """
+        if self.recipe.temporal != "ta":
+            raise ValueError(f"Tune-A-Video weights need a recipe with TA; {self.recipe.name!r} uses {self.recipe.temporal!r}")
+        renamed = {
+            k.replace(".attn_temp.", ".temporal_attention.attn.").replace(".norm_temp.", ".temporal_attention.norm."): v
+            for k, v in state_dict.items()
+        }
+        missing, unexpected = self.unet.load_state_dict(renamed, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"not a Tune-A-Video UNet of this architecture: {len(missing)} missing tensors "
+                             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
     # ---- adapters ------------------------------------------------------------------------------
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the tuned tensors (safetensors) and the recipe + base fingerprint (JSON), atomically."""
@@ -270,7 +315,7 @@ class VideoUNet(nn.Module):
             "format": "ei2-adapter",
             "version": 1,
             "recipe": self.recipe.to_dict(),
-            "base_fingerprint": self.base_fingerprint,
+            "base_fingerprint": self.base_fingerprint.to_dict(),
             "tensors": len(tensors),
         }
         tmp_w, tmp_c = directory / (ADAPTER_WEIGHTS + ".tmp"), directory / (ADAPTER_CONFIG + ".tmp")
@@ -309,10 +354,13 @@ class VideoUNet(nn.Module):
                 f"adapter {directory} was tuned with recipe {recipe.name!r}, this model uses {self.recipe.name!r}; "
                 f"pass --recipe {recipe.name} (or no --recipe) to use it"
             )
-        if meta["base_fingerprint"] != self.base_fingerprint:
+        base = BaseFingerprint.from_dict(meta["base_fingerprint"])
+        if not base.matches(self.base_fingerprint):
+            kind = "weights" if base.structure == self.base_fingerprint.structure else "architecture"
             raise AdapterMismatchError(
-                f"adapter {directory} was tuned on another base model (fingerprint {meta['base_fingerprint']}, "
-                f"this model is {self.base_fingerprint}); use the --model it was made with, or tune again"
+                f"adapter {directory} was tuned on another base model (its {kind} differ: adapter base "
+                f"{base.structure}, this model {self.base_fingerprint.structure}); use the --model it was made "
+                f"with, or tune again"
             )
         tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
         own = dict(self.trainable_parameters())
