@@ -1,0 +1,278 @@
+"""Reports of a finished benchmark: results.csv, report.md (mean ± 95% interval per recipe), report.html.
+
+The interval is mean ± t_{0.975, n-1} · s / √n over the n edits of a recipe (videos × edits × seeds),
+treating edits as independent; the paired table compares each recipe with the baseline on the same
+(video, seed, edit), which removes the spread between videos.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics.evaluate import COLUMNS
+from .spec import BenchSpec, Job
+
+LOWER_IS_BETTER = {"warp_err", "warp_err_src", "centre_err", "flicker"}
+BASELINE = "tune-a-video"
+PLOTTED = ("tex_ali", "tem_con", "frame_acc", "edit_acc", "keep_acc", "centre_err", "flicker", "warp_err")
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Student t quantile (Cornish-Fisher expansion around the normal; < 0.5% off for df >= 3)."""
+    z = {0.975: 1.959964, 0.95: 1.644854}[p]
+    if df <= 0:
+        return float("nan")
+    exact = {1: 12.706, 2: 4.303}
+    if p == 0.975 and df in exact:
+        return exact[df]
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% interval, n) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    if v.size == 1:
+        return float(v[0]), float("nan"), 1
+    return float(v.mean()), float(t_quantile(v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)), int(v.size)
+
+
+def collect(out: Path, jobs: list[Job]) -> list[dict]:
+    """One row per (job, edit): identifiers, timings and metrics."""
+    rows = []
+    for job in jobs:
+        record = json.loads((out / "jobs" / job.id / "job.json").read_text())
+        for e in record["edits"]:
+            rows.append({
+                "video": job.video.name, "recipe": job.recipe.name, "seed": job.seed, "edit": e["index"],
+                "kind": e["kind"], "prompt": e["prompt"], **e["metrics"],
+                "tune_s": record["timings"].get("tune_s", 0.0), "edit_s": record["timings"]["edit_s"],
+                "job_s": record["timings"]["total_s"], "last_loss": record["tuning"]["mean_last_10"],
+                "gif": f"jobs/{job.id}/{e['gif']}", "source_gif": f"jobs/{job.id}/source.gif",
+            })
+    return rows
+
+
+def metric_keys(rows: list[dict]) -> list[str]:
+    present = {k for r in rows for k in r}
+    return [k for k in COLUMNS if k in present]
+
+
+def _fmt(key: str, mean: float, half: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    f = COLUMNS[key][1] if key in COLUMNS else "{:.3f}"
+    return f.format(mean) + ("" if not np.isfinite(half) else " ± " + f.format(half))
+
+
+def _arrow(key: str) -> str:
+    return "↓" if key in LOWER_IS_BETTER else "↑"
+
+
+def recipe_table(rows: list[dict], recipes: list[str], keys: list[str]) -> str:
+    head = "| recipe | n | " + " | ".join(f"{COLUMNS[k][0]} {_arrow(k)}" for k in keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 2)]
+    for r in recipes:
+        sub = [x for x in rows if x["recipe"] == r]
+        cells = [_fmt(k, *mean_ci([x.get(k) for x in sub])[:2]) for k in keys]
+        lines.append(f"| {r} | {len(sub)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kind_table(rows: list[dict], recipes: list[str], key: str) -> str:
+    kinds = list(dict.fromkeys(x["kind"] for x in rows))
+    lines = ["| recipe | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for r in recipes:
+        cells = [_fmt(key, *mean_ci([x.get(key) for x in rows if x["recipe"] == r and x["kind"] == k])[:2])
+                 for k in kinds]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], recipes: list[str], keys: list[str], baseline: str) -> str:
+    """Mean difference recipe − baseline over matched (video, seed, edit), with its 95% interval."""
+    base = {(x["video"], x["seed"], x["edit"]): x for x in rows if x["recipe"] == baseline}
+    lines = ["| recipe − " + baseline + " | n | " + " | ".join(f"Δ {COLUMNS[k][0]} {_arrow(k)}" for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 2)]
+    for r in recipes:
+        if r == baseline:
+            continue
+        pairs = [(x, base[(x["video"], x["seed"], x["edit"])]) for x in rows
+                 if x["recipe"] == r and (x["video"], x["seed"], x["edit"]) in base]
+        cells = []
+        for k in keys:
+            diffs = [a[k] - b[k] for a, b in pairs if a.get(k) is not None and b.get(k) is not None]
+            m, h, _ = mean_ci(diffs)
+            sig = "" if not (np.isfinite(h) and abs(m) > h) else " *"
+            cells.append(("+" if np.isfinite(m) and m > 0 else "") + _fmt(k, m, h) + sig)
+        lines.append(f"| {r} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    from ..video import atomic_path
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _timing(out: Path, rows: list[dict]) -> dict:
+    """Compute time (sum of job times) and wall time (first start to last done in the logs)."""
+    events = []
+    for log in sorted((out / "logs").glob("process-*.jsonl")):
+        events += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    seen, compute = set(), 0.0
+    for r in rows:
+        key = (r["video"], r["recipe"], r["seed"])
+        if key not in seen:
+            seen.add(key)
+            compute += r["job_s"]
+    starts = [e["time"] for e in events if e["event"] == "start"]
+    dones = [e["time"] for e in events if e["event"] == "done"]
+    wall = (max(dones) - min(starts)) if starts and dones else float("nan")
+    processes = len({e["rank"] for e in events}) or 1
+    return {"compute_s": compute, "wall_s": wall, "processes": processes, "jobs": len(seen)}
+
+
+def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
+    recipes = [r.name for r in spec.recipes]
+    keys = metric_keys(rows)
+    s = spec.settings
+    out = [
+        f"# Benchmark `{spec.name}`",
+        "",
+        f"{len(spec.videos)} videos × {len(recipes)} recipes × {len(spec.seeds)} seeds = {timing['jobs']} jobs, "
+        f"{len(rows)} edits. Settings: {s['frames']} frames, {s['steps']} tuning steps (lr {s['lr']:g}), "
+        f"{s['inference_steps']} DDIM steps, guidance {s['guidance_scale']:g}. "
+        f"Compute {timing['compute_s'] / 60:.1f} min in jobs; wall {timing['wall_s'] / 60:.1f} min on "
+        f"{timing['processes']} process(es).",
+        "",
+        "Mean ± 95% interval over edits (videos × edits × seeds). ↑ higher is better, ↓ lower is better.",
+        "Tex-Ali: 100 × CLIP cos(frame, target); Tem-Con: CLIP cos of consecutive frames; FrameAcc: share of frames "
+        "nearer the target than the source prompt; EditAcc/KeepAcc: oracle share of frames with the edited / kept "
+        "attributes; CentreErr: px from the source trajectory; Flicker: share of frames off the clip's majority "
+        "attribute; Warp: warp error (0–255) with the edit's own Farnebäck flow, WarpSrc with the source's flow.",
+        "",
+        "## Per recipe",
+        "",
+        recipe_table(rows, recipes, keys),
+    ]
+    overrides = [f"`{r.name}` = `{r.recipe}` with {r.overrides}" for r in spec.recipes if r.overrides]
+    if overrides:
+        out += ["", "Variants: " + "; ".join(overrides) + "."]
+    if "edit_acc" in keys:
+        out += ["", "## Edit accuracy by kind of edit", "", kind_table(rows, recipes, "edit_acc")]
+    baseline = BASELINE if BASELINE in recipes else recipes[0]
+    if len(recipes) > 1:
+        out += ["", f"## Paired differences against `{baseline}`", "",
+                "Same video, seed and edit; * marks an interval that excludes 0.", "",
+                paired_table(rows, recipes, keys, baseline)]
+    out += ["", "## Time per job (s)", "", "| recipe | tuning | inversion + edits | job |", "|---|---|---|---|"]
+    for r in recipes:
+        sub = {(x["video"], x["seed"]): x for x in rows if x["recipe"] == r}.values()
+        out.append(f"| {r} | {np.mean([x['tune_s'] for x in sub]):.1f} | {np.mean([x['edit_s'] for x in sub]):.1f} | "
+                   f"{np.mean([x['job_s'] for x in sub]):.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def plots(rows: list[dict], recipes: list[str], folder: Path) -> list[str]:
+    """One PNG per metric: mean ± 95% interval per recipe. Returns the file names (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from ..video import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for key in [k for k in PLOTTED if any(k in r for r in rows)]:
+        stats = [mean_ci([x.get(key) for x in rows if x["recipe"] == r]) for r in recipes]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(recipes), 3.0), dpi=100)
+        means = [m for m, _, _ in stats]
+        errs = [h if np.isfinite(h) else 0 for _, h, _ in stats]
+        ax.bar(range(len(recipes)), means, yerr=errs, capsize=4, color="#4c78a8")
+        ax.set_xticks(range(len(recipes)), recipes, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{COLUMNS[key][0]} {_arrow(key)}", fontsize=10)
+        finite = [m for m in means if np.isfinite(m)]
+        if finite and key in ("tem_con",):
+            lo = min(m - e for m, e in zip(means, errs) if np.isfinite(m))
+            ax.set_ylim(max(0.0, lo - 0.01), min(1.0, max(finite) + 0.01) + 0.001)
+        fig.tight_layout()
+        name = f"{key}.png"
+        with atomic_path(folder / name) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def html_report(spec: BenchSpec, rows: list[dict], md: str, plot_names: list[str]) -> str:
+    recipes = [r.name for r in spec.recipes]
+    seed = spec.seeds[0]
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>ei2 benchmark {e(spec.name)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px;text-align:center;font-size:12px}"
+        "img.v{width:128px;image-rendering:pixelated}pre{background:#f6f6f6;padding:1em;overflow-x:auto}</style>",
+        "</head><body>",
+        f"<h1>ei2 benchmark <code>{e(spec.name)}</code></h1>",
+        "<h2>Plots</h2><div>",
+        *[f"<img src='plots/{e(n)}' alt='{e(n)}'>" for n in plot_names],
+        "</div>",
+        f"<h2>Gallery (seed {seed})</h2>",
+    ]
+    for video in spec.videos:
+        vrows = [x for x in rows if x["video"] == video.name and x["seed"] == seed]
+        if not vrows:
+            continue
+        parts.append(f"<h3>{e(video.name)}</h3><table><tr><th>recipe</th><th>source<br><small>{e(video.source_prompt)}"
+                     "</small></th>")
+        parts += [f"<th>{e(ed.kind)}<br><small>{e(ed.prompt)}</small></th>" for ed in video.edits]
+        parts.append("</tr>")
+        for r in recipes:
+            cells = sorted((x for x in vrows if x["recipe"] == r), key=lambda x: x["edit"])
+            if not cells:
+                continue
+            parts.append(f"<tr><th>{e(r)}</th><td><img class='v' src='{e(cells[0]['source_gif'])}'></td>")
+            for x in cells:
+                score = " ".join(f"{COLUMNS[k][0]} {COLUMNS[k][1].format(x[k])}" for k in ("tex_ali", "edit_acc")
+                                 if k in x and x[k] is not None and np.isfinite(x[k]))
+                parts.append(f"<td><img class='v' src='{e(x['gif'])}'><br><small>{e(score)}</small></td>")
+            parts.append("</tr>")
+        parts.append("</table>")
+    parts += ["<h2>Tables</h2>", f"<pre>{e(md)}</pre>", "</body></html>"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(spec: BenchSpec, out: Path, jobs: list[Job]) -> None:
+    from ..video import atomic_path
+
+    rows = collect(out, jobs)
+    write_csv(rows, out / "results.csv")
+    md = markdown(spec, rows, _timing(out, rows))
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(md)
+    names = plots(rows, [r.name for r in spec.recipes], out / "plots")
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(html_report(spec, rows, md, names))

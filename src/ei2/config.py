@@ -1,0 +1,188 @@
+"""Settings of the `ei2 edit` and `ei2 tune` commands: one table for flags, YAML keys and defaults.
+
+Every option is a field of `Settings`, with its default, its help and the commands that take it.
+The command line is built from this table, a YAML file is checked against it (an unknown key or a
+wrong type is an error naming the key), and flags given on the command line override the file.
+YAML keys are the flag names with `_` or `-` (`source_prompt` or `source-prompt`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+EDIT, TUNE = "edit", "tune"
+BOTH = (EDIT, TUNE)
+
+
+def option(default, help: str, commands=BOTH, choices=None, metavar=None, path=False, repeat=False):
+    """A `Settings` field: its default, help text, the commands that take it and how to parse it."""
+    meta = {"help": help, "commands": commands, "choices": choices, "metavar": metavar, "path": path, "repeat": repeat}
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    video: str | None = option(None, "source video: mp4/mov/webm/gif file or folder of frames", path=True)
+    source_prompt: str | None = option(None, "prompt that describes the source video")
+    target_prompt: list[str] = option([], "edited prompt; repeat for several edits of one tuning", commands=(EDIT,),
+                                      repeat=True)
+    model: str | None = option(None, "diffusers Stable Diffusion 1.x/2.x folder or hub id (default: the embedded "
+                                     "Shapes model)", metavar="PATH_OR_ID")
+    recipe: str | None = option(None, "inflation recipe: ei2, ei2-after-cross, tune-a-video, ... (default: the "
+                                      "adapter's, else ei2)")
+    adapter: str | None = option(None, "reuse a tuned adapter folder instead of tuning", commands=(EDIT,), path=True)
+    frames: int = option(8, "number of frames to sample")
+    stride: int = option(1, "take every N-th frame")
+    start: int = option(0, "index of the first frame")
+    width: int | None = option(None, "frame width, a multiple of 8 (default: the model's size, 512 for SD 1.x)")
+    height: int | None = option(None, "frame height, a multiple of 8 (default: the model's size)")
+    steps: int = option(500, "tuning steps (0: no tuning)")
+    lr: float = option(3e-5, "tuning learning rate (AdamW)")
+    checkpoint_every: int = option(100, "write a tuning checkpoint every N steps (0: never)")
+    resume: bool = option(False, "continue an interrupted tuning from its checkpoint (same --out)")
+    gradient_checkpointing: bool = option(True, "gradient checkpointing during tuning")
+    inference_steps: int = option(50, "DDIM steps of inversion and editing", commands=(EDIT,))
+    guidance_scale: float = option(12.5, "classifier-free guidance scale", commands=(EDIT,))
+    negative_prompt: str | None = option(None, "negative prompt for classifier-free guidance", commands=(EDIT,))
+    fps: float | None = option(None, "frame rate of the outputs (default: the source's / stride)", commands=(EDIT,))
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
+    dtype: str = option("auto", "precision: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16, bf16",
+                        choices=("auto", "fp32", "fp16", "bf16"))
+    out: str | None = option(None, "run folder (default: a new folder under ./outputs/)", path=True, metavar="DIR")
+    overwrite: bool = option(False, "replace an existing run folder")
+    quiet: bool = option(False, "no progress bars or messages")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fields_for(command: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if command in f.metadata["commands"]]
+
+
+def _base_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(Settings)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return list
+    return args[0] if args else hint
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_type(name: str, value, kind, where: str):
+    """Value of a YAML key, checked against the field type (ints are accepted for floats)."""
+    if value is None:
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name!r} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {name!r} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {name!r} must be a number, got {value!r}")
+        return float(value)
+    if kind is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{where}: {name!r} must be a string or a list of strings, got {value!r}")
+        return list(items)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("model", "out", "video", "adapter"):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name!r} must be a string, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | os.PathLike, command: str) -> dict:
+    """Settings from a YAML file: known keys of `command`, type-checked; paths relative to the file's folder."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name: f for f in fields_for(command)}
+    everything = {f.name for f in dataclasses.fields(Settings)}
+    values = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key == "target_prompts":
+            key = "target_prompt"
+        if key not in known:
+            if key in everything:
+                raise ConfigError(f"{path}: key {raw_key!r} is not an option of `ei2 {command}`")
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {raw_key!r}{hint}; known keys: {', '.join(sorted(known))}")
+        f = known[key]
+        value = _check_type(str(raw_key), value, _base_type(f), str(path))
+        if f.metadata["choices"] and value not in f.metadata["choices"]:
+            raise ConfigError(f"{path}: {raw_key!r} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        if f.metadata["path"] and value is not None:
+            value = str((path.parent / Path(value).expanduser()))
+        elif key == "model" and value is not None and (path.parent / value).is_dir():
+            value = str(path.parent / value)  # a folder beside the YAML file; otherwise a hub id or path as given
+        values[key] = value
+    return values
+
+
+def add_arguments(parser, command: str) -> None:
+    """Flags of `command`, all defaulting to None so that only the given ones override the YAML file."""
+    import argparse
+
+    for f in fields_for(command):
+        kind = _base_type(f)
+        if f.name == "video":
+            parser.add_argument("video", nargs="?", default=None, help=f.metadata["help"])
+            continue
+        help_text = f.metadata["help"]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, False) and not isinstance(default, list):
+            help_text += f" (default: {default})"
+        kwargs = {"default": None, "help": help_text, "dest": f.name}
+        if kind is bool:
+            if f.default is True:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+        elif kind is list:
+            kwargs.update(action="append", metavar="TEXT")
+        else:
+            kwargs["type"] = kind
+            if f.metadata["choices"]:
+                kwargs["choices"] = f.metadata["choices"]
+            if f.metadata["metavar"]:
+                kwargs["metavar"] = f.metadata["metavar"]
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def resolve(command: str, args, config_path: str | None) -> Settings:
+    """Defaults < YAML file < flags given on the command line."""
+    values = load_yaml(config_path, command) if config_path else {}
+    for f in fields_for(command):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return Settings(**values)

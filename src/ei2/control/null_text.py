@@ -1,0 +1,175 @@
+"""Null-text inversion (Mokady et al. 2023) of video latents `(b, c, f, h, w)` (DESIGN §1.8).
+
+Plain DDIM inversion (no guidance) gives a trajectory x*_0 -> x*_T that classifier-free guidance
+(scale w) no longer follows back. Null-text inversion keeps the weights and the source prompt's
+embedding c and, for each sampling step i (t_i -> t_{i+1}), optimises the unconditional embedding ∅_i,
+starting from ∅_{i-1} (the empty prompt's embedding at i = 0):
+
+    min_∅  || x*_{i+1} - DDIM(x_i, eps_∅ + w (eps_c - eps_∅)) ||²,   then x_{i+1} = DDIM(x_i, ... ∅_i)
+
+with Adam, lr = lr_0 (1 - i / 2n), at most `num_inner_steps` iterations, stopping early once the loss
+is below eps + 2e-5 i. Sampling with the per-step ∅_i (`sampling.controlled_sample`) reconstructs the
+source closely, and Prompt-to-Prompt edits start from it. The result (x_T and the (steps, 1, L, D)
+embeddings) is cached like inverted latents, as safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..video import atomic_path
+from . import _ddim
+
+
+def default_progress(total: int):
+    return tqdm(total=total, desc="null-text inversion", dynamic_ncols=True)
+
+
+@dataclass
+class NullTextInversion:
+    """x_T `(b, c, f, h, w)` and the optimised unconditional embeddings `(steps, 1, L, D)`, one per sampling step."""
+
+    latents: torch.Tensor
+    uncond_embeddings: torch.Tensor
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(Path(path)) as tmp:
+            save_file({"latents": self.latents.detach().cpu().contiguous(),
+                       "uncond_embeddings": self.uncond_embeddings.detach().cpu().contiguous()}, str(tmp))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NullTextInversion":
+        tensors = load_file(str(path))
+        return cls(tensors["latents"], tensors["uncond_embeddings"])
+
+
+@torch.no_grad()
+def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
+                              num_inference_steps: int = 50) -> list[torch.Tensor]:
+    """[x_0, x_1, ..., x_T]: every latent of `ei2.inversion.ddim_invert` (its result is the last one)."""
+    _ddim.prediction_type(scheduler)
+    steps = _ddim.timesteps(scheduler, num_inference_steps, latents.device)
+    trajectory, previous = [latents], None
+    for t in reversed(steps):
+        x = trajectory[-1]
+        eps = _ddim.predict_eps(unet, scheduler, x, t, text_emb)
+        trajectory.append(_ddim.step(eps, x, _ddim.alpha(scheduler, previous, x.device), _ddim.alpha(scheduler, t, x.device)))
+        previous = t
+    return trajectory
+
+
+def null_text_inversion(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    text_emb: torch.Tensor,
+    uncond_emb: torch.Tensor,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    num_inner_steps: int = 10,
+    learning_rate: float = 1e-2,
+    early_stop_epsilon: float = 1e-5,
+    progress: Callable | None = default_progress,
+) -> NullTextInversion:
+    """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D).
+
+    `uncond_emb` (1, L, D): the empty prompt's embedding, the starting point. Sample the result with
+    `controlled_sample(..., guidance_scale=<the same>, uncond_emb=result.uncond_embeddings)`.
+    `progress(total=n)`: a progress-bar factory (None: no bar); its bar counts inner iterations.
+    """
+    if num_inner_steps < 1:
+        raise ValueError(f"num_inner_steps must be at least 1, got {num_inner_steps}")
+    trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps)
+    steps = _ddim.timesteps(scheduler, num_inference_steps, latents.device)
+    n = len(steps)
+    text_emb = text_emb.expand(latents.shape[0], -1, -1)
+    uncond = uncond_emb.detach().clone().float()
+    optimised = []
+    bar = progress(total=n * num_inner_steps) if progress is not None else None
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    unet.requires_grad_(False)  # only the embedding is optimised; no gradients into (tuned) weights
+    try:
+        x = trajectory[-1]
+        for i, t in enumerate(steps):
+            target = trajectory[n - i - 1]
+            alpha_t = _ddim.alpha(scheduler, t, x.device)
+            alpha_next = _ddim.alpha(scheduler, steps[i + 1] if i + 1 < n else None, x.device)
+            with torch.no_grad():
+                eps_cond = _ddim.predict_eps(unet, scheduler, x, t, text_emb)
+            uncond = uncond.detach().requires_grad_(True)
+            optimizer = torch.optim.Adam([uncond], lr=learning_rate * (1.0 - i / (2 * n)))
+            done = 0
+            for _ in range(num_inner_steps):
+                with torch.enable_grad():
+                    eps_uncond = _ddim.predict_eps(unet, scheduler, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
+                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                    loss = F.mse_loss(_ddim.step(eps, x, alpha_t, alpha_next).float(), target.float())
+                    optimizer.zero_grad()
+                    loss.backward()
+                optimizer.step()
+                done += 1
+                if bar is not None:
+                    bar.update()
+                if loss.item() < early_stop_epsilon + i * 2e-5:
+                    break
+            if bar is not None and done < num_inner_steps:
+                bar.update(num_inner_steps - done)
+            uncond = uncond.detach()
+            optimised.append(uncond.clone())
+            with torch.no_grad():
+                eps = _ddim.predict_eps(unet, scheduler, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
+                x = _ddim.step(eps, x, alpha_t, alpha_next)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if bar is not None:
+            bar.close()
+    return NullTextInversion(trajectory[-1].detach(), torch.stack(optimised))
+
+
+def null_text_key(video_hash: str, adapter_hash: str, num_inference_steps: int, prompt: str, guidance_scale: float,
+                  num_inner_steps: int, learning_rate: float, early_stop_epsilon: float, extra: str = "") -> str:
+    """Cache key of a null-text inversion: the video, the adapter, steps, prompt and the optimisation settings."""
+    raw = (f"null-text|{video_hash}|{adapter_hash}|{num_inference_steps}|{prompt}|{guidance_scale}|"
+           f"{num_inner_steps}|{learning_rate}|{early_stop_epsilon}|{extra}")
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+class NullTextCache:
+    """Null-text inversions by key, in memory and (with `directory`) as `<key>.nulltext.safetensors`."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self._memory: dict[str, NullTextInversion] = {}
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key}.nulltext.safetensors"
+
+    def get(self, key: str) -> NullTextInversion | None:
+        if key in self._memory:
+            return self._memory[key]
+        path = self._path(key)
+        if path is not None and path.is_file():
+            try:
+                result = NullTextInversion.load(path)
+            except Exception:  # a damaged cache entry is recomputed, never trusted
+                return None
+            self._memory[key] = result
+            return result
+        return None
+
+    def put(self, key: str, result: NullTextInversion) -> None:
+        result = NullTextInversion(result.latents.detach().cpu(), result.uncond_embeddings.detach().cpu())
+        self._memory[key] = result
+        path = self._path(key)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            result.save(path)

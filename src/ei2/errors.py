@@ -1,0 +1,25 @@
+"""User-facing errors: the message says what was wrong and what to do.
+
+The `ei2` command prints the message of any `EI2Error` (one line, no traceback) and exits with code 2.
+"""
+from __future__ import annotations
+
+
+class EI2Error(Exception):
+    """Base class of errors caused by the user's input (a file, an option, a model folder)."""
+
+
+class VideoError(EI2Error):
+    """A video cannot be read, is corrupt or has too few frames."""
+
+
+class ConfigError(EI2Error):
+    """A command-line option or a YAML key is unknown, has the wrong type or an invalid value."""
+
+
+class ModelError(EI2Error):
+    """A model folder is incomplete or a model id cannot be loaded."""
+
+
+class TuningError(EI2Error):
+    """Tuning diverged (NaN/inf loss) or a checkpoint cannot be resumed."""

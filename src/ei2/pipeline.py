@@ -1,0 +1,442 @@
+"""EI2Pipeline: tune -> invert -> edit a video with an inflated Stable Diffusion model (DESIGN §1.6–1.7).
+
+Follows diffusers pipeline conventions: components (`vae`, `text_encoder`, `tokenizer`, `unet`,
+`scheduler`), `from_pretrained`, `progress_bar`/`set_progress_bar_config`, `callback_on_step_end`
+and a dataclass output. The `unet` is a `VideoUNet` (the 2D UNet inflated with a recipe).
+Frames in and out are `(f, h, w, 3)` uint8 (`(b, f, h, w, 3)` for a batch of edits); latents are
+`(b, c, f, h, w)`.
+
+    pipe = EI2Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", recipe="ei2")
+    pipe.tune(frames, "a man is skiing")
+    out = pipe.edit(frames, "a man is skiing", "an astronaut is skiing on the moon")
+    out.frames[0]  # (f, h, w, 3) uint8
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from .errors import EI2Error, ModelError
+from .inversion import InversionCache, ddim_invert, ddim_sample, inversion_key, tensor_hash
+from .models import Recipe, VideoUNet
+from .tuning import TuningConfig, TuningResult, tune
+
+MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_MIXED = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def default_model_path() -> Path:
+    """The embedded Shapes model: `assets/shapes-sd` of the source tree."""
+    import ei2
+
+    return Path(ei2.__file__).resolve().parents[2] / "assets" / "shapes-sd"
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise EI2Error(f"--device {device!r} is not a device; use auto, cuda, cuda:N, mps or cpu") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EI2Error("--device cuda: no CUDA GPU is available here; use --device cpu (or auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise EI2Error("--device mps: Apple MPS is not available here; use --device cpu (or auto)")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    """`auto`: fp16 mixed precision on CUDA (as Tune-A-Video), fp32 elsewhere."""
+    if dtype is None or dtype == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise EI2Error(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    if dtype == "fp16" and device.type == "cpu":
+        raise EI2Error("--dtype fp16 needs a GPU; on the CPU use --dtype fp32 (or bf16)")
+    return dtype
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (the hub libraries read it once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    if value:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    with contextlib.suppress(Exception):
+        import huggingface_hub.constants
+
+        return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    return False
+
+
+def check_model_folder(path: Path) -> None:
+    missing = [part for part in MODEL_PARTS if not (path / part).is_dir()]
+    if missing:
+        raise ModelError(
+            f"{path} is not a diffusers Stable Diffusion folder: it has no {', '.join(p + '/' for p in missing)}; "
+            f"pass a folder saved by StableDiffusionPipeline.save_pretrained (with {', '.join(MODEL_PARTS)})"
+        )
+
+
+@dataclass
+class EI2PipelineOutput(BaseOutput):
+    """frames: (b, f, h, w, 3) uint8 (None for output_type="latent"); latents: the final (b, c, f, h, w)."""
+
+    frames: np.ndarray | None
+    latents: torch.Tensor
+
+
+class EI2Pipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: VideoUNet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.mixed_precision = "fp32"  # "fp32", "fp16" or "bf16": autocast of the UNet, dtype of vae/text encoder
+        self.inversion_cache = InversionCache()
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        recipe: str | Recipe | None = None,
+        adapter: str | Path | None = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | None = "auto",
+        inversion_cache_dir: str | Path | None = None,
+    ) -> "EI2Pipeline":
+        """Load a diffusers Stable Diffusion 1.x/2.x folder (or hub id) and inflate its UNet with `recipe`.
+
+        `model` defaults to the embedded Shapes model. `recipe` defaults to the adapter's recipe, else `ei2`.
+        `dtype` is `auto`, `fp32`, `fp16` or `bf16` (fp16/bf16: mixed precision, the UNet stays fp32 for tuning).
+        """
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        source = cls._resolve_model(model)
+        if adapter is not None:
+            adapter_recipe = VideoUNet.read_adapter_recipe(adapter)
+            if recipe is None:
+                recipe = adapter_recipe
+        recipe = recipe if recipe is not None else "ei2"
+        weight_dtype = DTYPES[dtype]
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        local = {"local_files_only": True} if _hub_offline() else {}
+        try:
+            unet2d = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True, **local)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True, torch_dtype=weight_dtype,
+                                                **local)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **local)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **local)
+            scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **local)
+        except EI2Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - every loading failure becomes one clear message
+            raise cls._load_error(model, source, e) from e
+        unet = VideoUNet.from_2d(unet2d, recipe=recipe, copy_weights=False)
+        if adapter is not None:
+            unet.load_adapter(adapter)
+        pipe = cls(vae=vae.to(device), text_encoder=text_encoder.to(device, weight_dtype),
+                   tokenizer=tokenizer, unet=unet.to(device), scheduler=scheduler)
+        pipe.mixed_precision = dtype
+        pipe.model_source = str(source)
+        pipe.inversion_cache = InversionCache(inversion_cache_dir)
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            module.requires_grad_(False)
+            module.eval()
+        return pipe
+
+    @staticmethod
+    def _resolve_model(model) -> str:
+        if model is None:
+            path = default_model_path()
+            if not path.is_dir():
+                raise ModelError(
+                    f"the default Shapes model is not at {path} (it ships with the ei2 source tree); "
+                    "pass --model with a diffusers Stable Diffusion folder or hub id"
+                )
+            check_model_folder(path)
+            return str(path)
+        path = Path(model).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ModelError(f"--model {model}: expected a diffusers model folder, got a file")
+            check_model_folder(path)
+            return str(path)
+        text = str(model)
+        if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+            raise ModelError(f"model folder not found: {model}")
+        return text  # a hub id, loaded through the ordinary diffusers from_pretrained
+
+    @staticmethod
+    def _load_error(model, source: str, error: Exception) -> ModelError:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if Path(source).is_dir():
+            if "safetensors" in str(error).lower():
+                return ModelError(f"cannot load {source}: {reason}; ei2 reads .safetensors weights only (no pickle files)")
+            return ModelError(f"cannot load the model folder {source}: {reason}")
+        return ModelError(
+            f"cannot load model {model!r} from the Hugging Face Hub ({reason}); without network access, "
+            "download it elsewhere and pass the local folder: --model /path/to/stable-diffusion "
+            "(a diffusers folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def default_size(self) -> int:
+        """Frame side the model was trained at: vae scale factor x UNet sample size (512 for SD 1.x)."""
+        return self.vae_scale_factor * int(self.unet.config.sample_size)
+
+    def _bar(self, desc: str, total: int):
+        config = dict(getattr(self, "_progress_bar_config", {}) or {})
+        config.setdefault("desc", desc)
+        config.setdefault("dynamic_ncols", True)
+        return tqdm(total=total, **config)
+
+    def _progress_enabled(self) -> bool:
+        return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
+
+    def _autocast(self):
+        if self.mixed_precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.unet.device.type, dtype=DTYPES[self.mixed_precision])
+
+    def _ddim(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.scheduler.config)
+
+    def check_size(self, height: int, width: int) -> None:
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % 8:
+                raise EI2Error(f"--{name} {v} is not a positive multiple of 8")
+
+    @staticmethod
+    def _check_prompt(prompt, name: str) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise EI2Error(f"{name} is empty; describe the video in words, e.g. --{name.replace('_', '-')} \"a man is skiing\"")
+        return prompts
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+        """Text embeddings (b, L, D), fp32."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].float()
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray, batch_size: int = 8) -> torch.Tensor:
+        """(f, h, w, 3) uint8 -> latents (1, c, f, h/s, w/s), fp32 (the mean of the VAE posterior, scaled)."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be (f, h, w, 3) uint8, got {frames.shape} {frames.dtype}")
+        self.check_size(frames.shape[1], frames.shape[2])
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # f 3 h w
+        chunks = []
+        for part in x.split(batch_size):
+            part = part.to(self.vae.device, self.vae.dtype) / 127.5 - 1
+            chunks.append(self.vae.encode(part).latent_dist.mean.float())
+        latents = torch.cat(chunks) * self.vae.config.scaling_factor  # f c h w
+        return latents.permute(1, 0, 2, 3).unsqueeze(0)  # 1 c f h w
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+        """(b, c, f, h, w) -> (b, f, H, W, 3) uint8."""
+        b, _, f = latents.shape[:3]
+        x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, *latents.shape[1:2], *latents.shape[3:])  # (b f) c h w
+        x = x / self.vae.config.scaling_factor
+        images = []
+        for part in x.split(batch_size):
+            images.append(self.vae.decode(part.to(self.vae.dtype)).sample.float())
+        images = torch.cat(images).clamp(-1, 1)
+        images = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return images.reshape(b, f, *images.shape[1:])
+
+    def adapter_hash(self) -> str:
+        """Digest of what the UNet is: base model, recipe and the current tuned tensors."""
+        tensors = [p for _, p in self.unet.trainable_parameters()]
+        return f"{self.unet.base_fingerprint}-{self.unet.recipe.name}-{tensor_hash(*tensors)}"
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        return self.unet.save_adapter(directory)
+
+    def load_adapter(self, directory: str | Path) -> None:
+        self.unet.load_adapter(directory)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def tune(
+        self,
+        frames: np.ndarray | None = None,
+        source_prompt: str = "",
+        *,
+        latents: torch.Tensor | None = None,
+        steps: int = 500,
+        learning_rate: float = 3e-5,
+        seed: int = 0,
+        gradient_checkpointing: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> TuningResult:
+        """One-shot tuning of the UNet's recipe tensors on the source video and prompt (DESIGN §1.6)."""
+        self._check_prompt(source_prompt, "source_prompt")
+        if latents is None:
+            if frames is None:
+                raise ValueError("give frames or latents")
+            latents = self.encode_frames(frames)
+        text = self.encode_prompt(source_prompt).expand(latents.shape[0], -1, -1)
+        config = TuningConfig(
+            steps=steps, learning_rate=learning_rate, seed=seed, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every, mixed_precision=_MIXED[self.mixed_precision],
+        )
+        noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        result = tune(self.unet, noise_scheduler, latents.to(self.unet.device), text.to(self.unet.device), config,
+                      checkpoint_dir=checkpoint_dir, resume=resume, progress=self._progress_enabled(), callback=callback)
+        self.unet.eval()
+        return result
+
+    @torch.no_grad()
+    def invert(
+        self,
+        frames: np.ndarray | None = None,
+        prompt: str = "",
+        *,
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance -> x_T.
+
+        Cached per (video latents, adapter, steps, prompt): editing several prompts inverts once.
+        """
+        if latents is None:
+            if frames is None:
+                raise ValueError("give frames or latents")
+            latents = self.encode_frames(frames)
+        latents = latents.to(self.unet.device, torch.float32)
+        key = inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, self.mixed_precision)
+        cached = self.inversion_cache.get(key) if use_cache else None
+        if cached is not None:
+            return cached.to(latents.device)
+        text = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
+        with self._autocast():
+            inverted = ddim_invert(self.unet, self._ddim(), latents, text, num_inference_steps,
+                                   progress=lambda total: self._bar("inversion", total))
+        inverted = inverted.float()
+        if use_cache:
+            self.inversion_cache.put(key, inverted)
+        return inverted
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        frames: np.ndarray | None = None,
+        source_prompt: str | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        source_latents: torch.Tensor | None = None,
+        inversion_prompt: str | None = None,
+        negative_prompt: str | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 12.5,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        cross_attention_kwargs: dict | None = None,
+    ):
+        """Edit (or generate) a video under `prompt`.
+
+        Starting latents x_T are, in order: `latents` if given; the DDIM inversion of the source video
+        (`frames` or `source_latents`) under `inversion_prompt` (default: `source_prompt`, else ""); or
+        Gaussian noise of `num_frames` x `height` x `width`. Then DDIM sampling with classifier-free guidance.
+        Returns `EI2PipelineOutput(frames (b, f, h, w, 3) uint8, latents (b, c, f, h, w))`.
+        """
+        # 1. Check inputs
+        prompts = self._check_prompt(prompt, "target_prompt")
+        if output_type not in ("np", "latent"):
+            raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+        for name in callback_on_step_end_tensor_inputs:
+            if name not in self._callback_tensor_inputs:
+                raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
+        if num_inference_steps < 1:
+            raise EI2Error(f"--inference-steps must be at least 1, got {num_inference_steps}")
+        device = self.unet.device
+        batch = len(prompts)
+
+        # 2. Encode the target prompts, and the negative (or empty) prompt for classifier-free guidance
+        text = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(negative_prompt or "") if guidance_scale != 1.0 else None
+
+        # 3. Prepare the starting latents x_T
+        if latents is None and (frames is not None or source_latents is not None):
+            if inversion_prompt is None:
+                inversion_prompt = source_prompt or ""
+            latents = self.invert(frames, inversion_prompt, latents=source_latents, num_inference_steps=num_inference_steps)
+        elif latents is None:
+            side = self.default_size
+            height, width = height or side, width or side
+            self.check_size(height, width)
+            shape = (1, self.unet.config.in_channels, num_frames or 8, height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be (b, c, f, h, w), got {tuple(latents.shape)}")
+        latents = latents.to(device, torch.float32)
+        if latents.shape[0] == 1 and batch > 1:
+            latents = latents.expand(batch, -1, -1, -1, -1).clone()
+
+        # 4. Denoise with DDIM
+        def on_step(i, t, x):
+            if callback_on_step_end is None:
+                return None
+            values = {"latents": x}
+            out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
+            return out.get("latents")
+
+        with self._autocast():
+            latents = ddim_sample(
+                self.unet, self._ddim(), latents, text, num_inference_steps, guidance_scale=guidance_scale,
+                uncond_emb=uncond, progress=lambda total: self._bar("editing", total), callback=on_step,
+                cross_attention_kwargs=cross_attention_kwargs,
+            )
+        latents = latents.float()
+
+        # 5. Decode
+        frames_out = None if output_type == "latent" else self.decode_latents(latents)
+        if not return_dict:
+            return (frames_out, latents)
+        return EI2PipelineOutput(frames=frames_out, latents=latents)
+
+    def edit(self, frames: np.ndarray, source_prompt: str, target_prompt: str | list[str], **kwargs) -> EI2PipelineOutput:
+        """Invert the source video (cached) and sample it again under `target_prompt`; see `__call__`."""
+        self._check_prompt(source_prompt, "source_prompt")
+        return self(target_prompt, frames, source_prompt, **kwargs)

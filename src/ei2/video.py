@@ -1,0 +1,308 @@
+"""Read and write videos as `(f, h, w, 3)` uint8 frames.
+
+Inputs: mp4/mov/webm/mkv/avi (PyAV), gif (Pillow) and folders of image frames. Frames are sampled
+(`start`, `stride`, `num_frames`), then resized to cover `(height, width)` and centre-cropped.
+Outputs: mp4 (PyAV; libx264 when available, else mpeg4) and gif (Pillow), written atomically
+(temporary file in the same folder, then `os.replace`), and side-by-side grids (source | edits).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageSequence, UnidentifiedImageError
+
+from .errors import VideoError
+
+CONTAINER_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
+GIF_SUFFIXES = (".gif",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = CONTAINER_SUFFIXES + GIF_SUFFIXES
+DEFAULT_FPS = 8.0
+
+
+@dataclass
+class Video:
+    """Sampled frames of a video and where they came from."""
+
+    frames: np.ndarray  # f h w 3, uint8
+    fps: float  # frame rate of the sampled frames (source rate / stride)
+    path: Path
+    total_frames: int | None = None  # frames decoded from the source (None: decoding stopped early)
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int | None = None,
+    stride: int = 1,
+    start: int = 0,
+    size: tuple[int, int] | None = None,
+) -> Video:
+    """Read frames `start, start + stride, ...` (`num_frames` of them, or all) of a video file or folder.
+
+    `size` is `(height, width)`: each frame is resized to cover it and centre-cropped.
+    Raises `VideoError` for a missing, unreadable or too-short video.
+    """
+    path = Path(path)
+    if num_frames is not None and num_frames < 1:
+        raise VideoError(f"--frames must be at least 1, got {num_frames}")
+    if stride < 1:
+        raise VideoError(f"--stride must be at least 1, got {stride}")
+    if start < 0:
+        raise VideoError(f"--start must be 0 or more, got {start}")
+    if not path.exists():
+        raise VideoError(f"video not found: {path}")
+    needed = None if num_frames is None else start + stride * (num_frames - 1) + 1
+
+    if path.is_dir():
+        decoded, fps = _read_folder(path, needed)
+    elif path.suffix.lower() in GIF_SUFFIXES:
+        decoded, fps = _read_gif(path, needed)
+    elif path.suffix.lower() in CONTAINER_SUFFIXES:
+        decoded, fps = _read_container(path, needed)
+    else:
+        raise VideoError(
+            f"{path}: unsupported video type {path.suffix!r}; use one of "
+            f"{', '.join(VIDEO_SUFFIXES)} or a folder of {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} frames"
+        )
+    total = len(decoded)
+    if total == 0:
+        raise VideoError(f"{path}: no frames could be decoded (empty or corrupt video)")
+    if needed is not None and total < needed:
+        asked = f"--frames {num_frames}"
+        if stride != 1:
+            asked += f" --stride {stride}"
+        if start:
+            asked += f" --start {start}"
+        raise VideoError(f"video has {total} frames; {asked} needs at least {needed} ({path})")
+    if needed is None and start >= total:
+        raise VideoError(f"video has {total} frames; --start {start} is past its end ({path})")
+    picked = decoded[start:needed:stride]
+    frames = [resize_and_crop(im, size) if size is not None else im.convert("RGB") for im in picked]
+    sizes = {im.size for im in frames}
+    if len(sizes) > 1:
+        raise VideoError(f"{path}: frames have different sizes {sorted(sizes)}; pass --width/--height to resize them")
+    array = np.stack([np.asarray(im, dtype=np.uint8) for im in frames])
+    return Video(array, fps / stride, path, total if needed is None or total > needed else None)
+
+
+def _read_container(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
+    import av
+
+    frames: list[Image.Image] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: the file has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else DEFAULT_FPS
+            for frame in container.decode(stream):
+                frames.append(frame.to_image())
+                if needed is not None and len(frames) >= needed:
+                    break
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:  # InvalidDataError, EOF, bad headers
+        if not frames:
+            raise VideoError(f"cannot read video {path}: corrupt or unsupported file ({e})") from e
+    return frames, fps
+
+
+def _read_gif(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
+    frames: list[Image.Image] = []
+    try:
+        with Image.open(path) as im:
+            duration = im.info.get("duration") or 0
+            for frame in ImageSequence.Iterator(im):
+                frames.append(frame.convert("RGB"))
+                if needed is not None and len(frames) >= needed:
+                    break
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        if not frames:
+            raise VideoError(f"cannot read gif {path}: corrupt or unsupported file ({e})") from e
+    fps = 1000.0 / duration if duration else DEFAULT_FPS
+    return frames, fps
+
+
+def _natural_key(p: Path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def _read_folder(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    if not files:
+        raise VideoError(f"folder {path} holds no frames ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images)")
+    frames = []
+    for f in files[:needed]:
+        try:
+            with Image.open(f) as im:
+                frames.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise VideoError(f"cannot read frame {f}: corrupt or unsupported image ({e})") from e
+    return frames, DEFAULT_FPS  # a folder has no frame rate
+
+
+def resize_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize `image` to cover `(height, width)`, keeping its aspect ratio, then centre-crop."""
+    height, width = size
+    image = image.convert("RGB")
+    w0, h0 = image.size
+    scale = max(width / w0, height / h0)
+    w1, h1 = max(width, round(w0 * scale)), max(height, round(h0 * scale))
+    if (w1, h1) != (w0, h0):
+        image = image.resize((w1, h1), Image.Resampling.BICUBIC)
+    left, top = (w1 - width) // 2, (h1 - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def frames_hash(frames: np.ndarray) -> str:
+    """A short digest of frames (shape and pixels)."""
+    digest = hashlib.sha256(str(tuple(frames.shape)).encode())
+    digest.update(np.ascontiguousarray(frames).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path` (same suffix); on success it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (f, h, w, 3) uint8, got {frames.shape} {frames.dtype}")
+    return frames
+
+
+_MP4_CODEC: str | None = None
+
+
+def mp4_codec() -> str:
+    """libx264 when this PyAV build has it, else mpeg4."""
+    global _MP4_CODEC
+    if _MP4_CODEC is None:
+        import av
+
+        try:
+            av.codec.Codec("libx264", "w")
+            _MP4_CODEC = "libx264"
+        except Exception:
+            _MP4_CODEC = "mpeg4"
+    return _MP4_CODEC
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> Path:
+    import av
+
+    frames = _check_frames(frames)
+    # yuv420p needs even sides: pad odd ones by repeating the last row/column
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    codec = mp4_codec()
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "17", "preset": "medium"}
+            else:
+                stream.bit_rate = 8_000_000
+            for array in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return Path(path)
+
+
+def write_gif(frames: np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> Path:
+    frames = _check_frames(frames)
+    images = [Image.fromarray(f) for f in frames]
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+            optimize=False, disposal=1,
+        )
+    return Path(path)
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float = DEFAULT_FPS) -> Path:
+    """Write frames as .mp4 or .gif (by suffix), or as a folder of PNG frames (no suffix)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".mp4":
+        return write_mp4(frames, path, fps)
+    if suffix == ".gif":
+        return write_gif(frames, path, fps)
+    if suffix == "":
+        frames = _check_frames(frames)
+        path.mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(frames):
+            with atomic_path(path / f"{i:05d}.png") as tmp:
+                Image.fromarray(f).save(tmp, format="PNG")
+        return path
+    raise ValueError(f"cannot write {path}: use .mp4, .gif or a folder")
+
+
+def make_grid(videos: list[np.ndarray], captions: list[str] | None = None, gap: int = 2) -> np.ndarray:
+    """Place videos side by side (`source | edit 1 | edit 2 ...`), with optional captions above each.
+
+    All videos must have the same `(f, h, w)`; returns `(f, H, W, 3)` uint8.
+    """
+    videos = [_check_frames(v) for v in videos]
+    shapes = {v.shape for v in videos}
+    if len(shapes) != 1:
+        raise ValueError(f"grid videos must share one shape, got {sorted(shapes)}")
+    f, h, w, _ = videos[0].shape
+    n = len(videos)
+    caption_h, lines_per = 0, []
+    if captions:
+        if len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for {n} videos")
+        font = ImageFont.load_default()
+        chars = max(4, w // 6)
+        lines_per = [textwrap.wrap(c, chars, break_long_words=False)[:4] or [""] for c in captions]
+        line_h = 11
+        caption_h = line_h * max(len(lines) for lines in lines_per) + 4
+    width = n * w + (n - 1) * gap
+    grid = np.full((f, caption_h + h, width, 3), 255, dtype=np.uint8)
+    for i, v in enumerate(videos):
+        x = i * (w + gap)
+        grid[:, caption_h:, x : x + w] = v
+    if captions:
+        strip = Image.fromarray(grid[0, :caption_h])
+        draw = ImageDraw.Draw(strip)
+        for i, lines in enumerate(lines_per):
+            for j, line in enumerate(lines):
+                draw.text((i * (w + gap) + 1, 2 + j * 11), line, fill=(0, 0, 0), font=font)
+        grid[:, :caption_h] = np.asarray(strip)[None]
+    return grid

@@ -1,0 +1,179 @@
+"""The `ei2` command end to end on a tiny pipeline, and one clear error (exit 2, no run folder) per bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from ei2.cli import main
+
+FAST = ["--frames", "4", "--steps", "2", "--inference-steps", "3", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+
+def edit_args(tiny_sd, source_video, out, *extra):
+    return ["edit", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square",
+            "--target-prompt", "a blue square", "--out", str(out), *FAST, *extra]
+
+
+def test_edit_writes_a_whole_run_folder_then_reuses_its_adapter(tiny_sd, source_video, tmp_path):
+    out = tmp_path / "run"
+    assert main(edit_args(tiny_sd, source_video, out, "--target-prompt", "a green circle")) == 0
+    for name in ["edits/01-a-blue-square.mp4", "edits/01-a-blue-square.gif", "edits/02-a-green-circle.mp4",
+                 "edits/02-a-green-circle.gif", "grid.mp4", "grid.gif", "source.mp4", "adapter/adapter.safetensors",
+                 "adapter/adapter.json", "run.json"]:
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists() and not (tmp_path / "run.partial").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["frames"] == 4 and run["settings"]["recipe"] == "ei2" and run["settings"]["width"] == 32
+    assert run["seeds"]["seed"] == 0 and "torch" in run["versions"] and "diffusers" in run["versions"]
+    assert {"load_s", "tune_s", "tune_step_s", "invert_s", "edit_s", "total_s"} <= set(run["timings"])
+    assert len(run["tuning"]["losses"]) == 2 and run["inversion"]["cached"] is False
+
+    again = tmp_path / "again"
+    assert main(["edit", str(source_video), "--model", str(tiny_sd), "--adapter", str(out / "adapter"),
+                 "--source-prompt", "a red square", "--target-prompt", "a pink square", "--out", str(again),
+                 *FAST]) == 0
+    run2 = json.loads((again / "run.json").read_text())
+    assert "tuning" not in run2 and run2["adapter"]["reused"] is True
+    assert run2["adapter"]["hash"] == run["adapter"]["hash"]
+    assert run2["inversion"]["cached"] is True  # same video, adapter and steps: inverted once
+    assert (again / "edits/01-a-pink-square.mp4").is_file() and not (again / "adapter").exists()
+
+
+def test_tune_then_edit_with_the_adapter(tiny_sd, source_video, tmp_path):
+    adapter = tmp_path / "adapters" / "square"
+    assert main(["tune", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square",
+                 "--out", str(adapter), "--recipe", "tune-a-video", *FAST[:4], "--quiet"]) == 0
+    assert (adapter / "adapter.safetensors").is_file() and (adapter / "run.json").is_file()
+    # the recipe comes from the adapter
+    assert main(["edit", str(source_video), "--model", str(tiny_sd), "--adapter", str(adapter), "--source-prompt",
+                 "a red square", "--target-prompt", "a blue square", "--out", "e", *FAST]) == 0
+    assert json.loads((tmp_path / "e" / "run.json").read_text())["settings"]["recipe"] == "tune-a-video"
+
+
+def test_interrupted_tuning_resumes_to_the_same_adapter(tiny_sd, source_video, tmp_path, monkeypatch):
+    import ei2.pipeline
+
+    base = ["tune", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square", "--frames", "2",
+            "--steps", "4", "--checkpoint-every", "2", "--lr", "1e-3", "--quiet"]
+    assert main([*base, "--out", "whole"]) == 0
+
+    real_tune = ei2.pipeline.tune
+
+    def interrupted(*args, **kwargs):
+        def stop(step, loss):
+            if step == 3:
+                raise KeyboardInterrupt
+        return real_tune(*args, **{**kwargs, "callback": stop})
+
+    monkeypatch.setattr(ei2.pipeline, "tune", interrupted)
+    assert main([*base, "--out", "cut"]) == 130
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.partial/checkpoints/step-000002").is_dir()
+    monkeypatch.setattr(ei2.pipeline, "tune", real_tune)
+    assert main([*base, "--out", "cut"]) == 2  # refuses to silently drop the checkpoints
+    assert main([*base, "--out", "cut", "--resume"]) == 0
+    run = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert run["tuning"]["resumed_from"] == 2
+    a, b = load_file(tmp_path / "whole/adapter.safetensors"), load_file(tmp_path / "cut/adapter.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_yaml_config_and_flag_override(tiny_sd, source_video, tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        f"video: {source_video}\nmodel: {tiny_sd}\nsource_prompt: a red square\n"
+        "target-prompt: [a blue square]\nframes: 2\nsteps: 0\ninference_steps: 2\nguidance_scale: 3\nquiet: true\n"
+        "out: from-yaml\n"
+    )
+    assert main(["edit", "--config", "run.yaml", "--frames", "3"]) == 0
+    run = json.loads((tmp_path / "from-yaml" / "run.json").read_text())
+    assert run["settings"]["frames"] == 3 and run["settings"]["guidance_scale"] == 3.0
+    assert run["settings"]["steps"] == 0 and "tuning" not in run
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing video", "video not found"),
+        ("corrupt video", "corrupt"),
+        ("too few frames", "video has 8 frames; --frames 9 needs at least 9"),
+        ("size not multiple of 8", "--width 30 is not a positive multiple of 8"),
+        ("empty prompt", "--source-prompt is empty"),
+        ("empty target prompt", "a --target-prompt is empty"),
+        ("model without parts", "has no vae/, text_encoder/, tokenizer/, scheduler/"),
+        ("hub id offline", "pass the local folder"),
+        ("adapter of another recipe", "pass --recipe ei2"),
+        ("adapter of another model", "another"),
+        ("unknown yaml key", "unknown key 'frame' (did you mean 'frames'?)"),
+        ("wrong yaml type", "'frames' must be an integer, got 'eight'"),
+        ("nan loss", "lower --lr"),
+    ],
+)
+def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_v, source_video, tmp_path, capsys):
+    out = tmp_path / "outputs" / "run"
+    args = edit_args(tiny_sd, source_video, out)
+    if case == "missing video":
+        args[1] = str(tmp_path / "nope.mp4")
+    elif case == "corrupt video":
+        (tmp_path / "bad.mov").write_bytes(b"\x00\x01garbage" * 100)
+        args[1] = str(tmp_path / "bad.mov")
+    elif case == "too few frames":
+        args += ["--frames", "9"]
+    elif case == "size not multiple of 8":
+        args += ["--width", "30"]
+    elif case == "empty prompt":
+        args[args.index("--source-prompt") + 1] = " "
+    elif case == "empty target prompt":
+        args += ["--target-prompt", ""]
+    elif case == "model without parts":
+        (tmp_path / "half" / "unet").mkdir(parents=True)
+        args[args.index("--model") + 1] = str(tmp_path / "half")
+    elif case == "hub id offline":
+        args[args.index("--model") + 1] = "nobody/no-such-model"
+    elif case.startswith("adapter of another"):
+        adapter_model = tiny_sd if case.endswith("recipe") else tiny_sd_v
+        assert main(["tune", str(source_video), "--model", str(adapter_model), "--source-prompt", "a red square",
+                     "--frames", "2", "--steps", "0", "--out", str(tmp_path / "adapter"), "--quiet"]) == 0
+        args += ["--adapter", str(tmp_path / "adapter")]
+        if case.endswith("recipe"):
+            args += ["--recipe", "tune-a-video"]
+    elif case in ("unknown yaml key", "wrong yaml type"):
+        (tmp_path / "bad.yaml").write_text("frame: 4\n" if case == "unknown yaml key" else "frames: eight\n")
+        args += ["--config", str(tmp_path / "bad.yaml")]
+    elif case == "nan loss":
+        args += ["--lr", "1e30", "--steps", "4"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ei2: error: ") and message in err[0], err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_existing_run_folder_is_kept_without_overwrite(tiny_sd, source_video, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert main(edit_args(tiny_sd, source_video, out)) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert main(edit_args(tiny_sd, source_video, out, "--steps", "0", "--overwrite")) == 0
+    assert not (out / "mine.txt").exists() and (out / "run.json").is_file()
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "ei2", "edit", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for flag in ["--source-prompt", "--target-prompt", "--adapter", "--recipe", "--frames", "--stride", "--start",
+                 "--width", "--height", "--steps", "--lr", "--inference-steps", "--guidance-scale",
+                 "--negative-prompt", "--seed", "--device", "--dtype", "--config", "--out", "--overwrite", "--quiet",
+                 "--resume", "--no-gradient-checkpointing"]:
+        assert flag in done.stdout, flag
