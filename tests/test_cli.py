@@ -116,6 +116,7 @@ def test_yaml_config_and_flag_override(tiny_sd, source_video, tmp_path):
         ("unknown yaml key", "unknown key 'frame' (did you mean 'frames'?)"),
         ("wrong yaml type", "'frames' must be an integer, got 'eight'"),
         ("nan loss", "lower --lr"),
+        ("unknown recipe", "unknown --recipe 'ei3'"),
     ],
 )
 def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_v, source_video, tmp_path, capsys):
@@ -149,6 +150,8 @@ def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_
     elif case in ("unknown yaml key", "wrong yaml type"):
         (tmp_path / "bad.yaml").write_text("frame: 4\n" if case == "unknown yaml key" else "frames: eight\n")
         args += ["--config", str(tmp_path / "bad.yaml")]
+    elif case == "unknown recipe":
+        args += ["--recipe", "ei3"]
     elif case == "nan loss":
         args += ["--lr", "1e30", "--steps", "4"]
     capsys.readouterr()
@@ -177,3 +180,19 @@ def test_python_dash_m_entry_point():
                  "--negative-prompt", "--seed", "--device", "--dtype", "--config", "--out", "--overwrite", "--quiet",
                  "--resume", "--no-gradient-checkpointing"]:
         assert flag in done.stdout, flag
+
+
+def test_model_defaults_replace_generic_defaults_only(tiny_sd, source_video, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    (model / "ei2_defaults.json").write_text(json.dumps({"steps": 1, "inference_steps": 2, "frames": 2}))
+    base = ["edit", str(source_video), "--model", str(model), "--source-prompt", "a red square", "--target-prompt",
+            "a blue square", "--quiet"]
+    assert main([*base, "--out", "a"]) == 0
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (run["settings"]["steps"], run["settings"]["inference_steps"], run["settings"]["frames"]) == (1, 2, 2)
+    assert run["model_defaults"] == {"steps": 1, "inference_steps": 2, "frames": 2}
+    assert main([*base, "--out", "b", "--steps", "0"]) == 0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["steps"] == 0

@@ -14,11 +14,10 @@ from ei2.control import (
     controlled_sample, ddim_inversion_trajectory, null_text_inversion, parse_cross_replace, parse_reweight,
     refinement_mapper, save_attention_grid, word_token_indices,
 )
-from ei2.control.controllers import LayerPlace
 from ei2.control.processors import ControlledFrameAttention, transformer_block_places
 from ei2.errors import EI2Error
 from ei2.inversion import ddim_invert, ddim_sample
-from ei2.models import VideoUNet
+from ei2.models import RECIPES, Recipe, VideoUNet
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,10 @@ def columns(tiny, prompt, word):
 
 
 # ---------------------------------------------------------------------------------------------- processors
-@pytest.mark.parametrize("recipe", ["ei2", "tune-a-video"])
+ALL_FRAME_ATTENTIONS = [*RECIPES, Recipe("per-frame", "self", "none"), Recipe("full", "full", "stam")]
+
+
+@pytest.mark.parametrize("recipe", ALL_FRAME_ATTENTIONS, ids=lambda r: r if isinstance(r, str) else r.name)
 def test_controlled_processors_match_diffusers_processors(tiny, recipe):
     vu = video_unet(tiny, recipe)
     x = torch.randn(2, 4, 3, 7, 5)
@@ -253,3 +255,32 @@ def test_bad_p2p_input_is_one_clear_error(tiny):
     assert parse_cross_replace(["0.8", "panda=0.4"]) == {"default": 0.8, "panda": 0.4}
     assert parse_reweight(["watercolor=4"]) == {"watercolor": 4.0}
     assert P2PConfig.from_dict({"mode": "refine", "blend_words": ["man", "panda"]}).blend_words == ("man", "panda")
+
+
+# ---------------------------------------------------------------------------------------------- on the pipeline
+def test_controlled_edit_on_the_pipeline_caches_null_text_and_saves_attention(tiny_sd, tmp_path, monkeypatch):
+    from conftest import moving_square
+
+    import ei2.control.edit as edit_module
+    from ei2.control import controlled_edit
+    from ei2.pipeline import EI2Pipeline
+
+    pipe = EI2Pipeline.from_pretrained(tiny_sd, device="cpu", inversion_cache_dir=tmp_path / "cache")
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe.encode_frames(moving_square(3, 32, 32))  # 1 4 3 16 16
+    config = P2PConfig("replace", blend_words=("red", "tan"), blend_threshold=0.9)
+    kwargs = dict(p2p=config, null_text=True, num_inference_steps=3, guidance_scale=7.5, null_text_inner_steps=2)
+    result = controlled_edit(pipe, latents, "a red square", ["a tan square"], **kwargs)
+    assert result.latents.shape == result.source_latents.shape == latents.shape
+    assert result.prompts == ["a red square", "a tan square"]
+    assert len(list((tmp_path / "cache").glob("*.nulltext.safetensors"))) == 1
+
+    monkeypatch.setattr(edit_module, "null_text_inversion", lambda *a, **k: pytest.fail("cache not used"))
+    pipe.null_text_cache = None  # a new process: only the folder is left
+    again = controlled_edit(pipe, latents, "a red square", ["a tan square"], **kwargs)
+    torch.testing.assert_close(again.latents, result.latents, atol=1e-4, rtol=1e-4)
+
+    path = save_attention_grid(result.controller, pipe.tokenizer, result.prompts, "square", tmp_path / "square.png")
+    assert path.is_file()
+    with pytest.raises(P2PError, match="same number of tokens"):
+        controlled_edit(pipe, latents, "a red square", ["a blue square"], **kwargs)

@@ -14,7 +14,24 @@ from ei2.metrics.shift import (
 from ei2.models import ShiftRestrictedTemporalAttention, TemporalAttention
 from ei2.models.context import VideoContext
 
-from test_video_unet import tiny_unet, video
+
+
+def tiny_unet(seed=0):
+    """The Shapes UNet's layout (2 cross-attention levels + 1 plain) at 16-32 channels: 7 transformer blocks."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 16, 32),
+        norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def video(f, h=8, w=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, f, h, w, generator=g), torch.randn(1, 7, 16, generator=g)
 
 
 def context(frames):
@@ -49,7 +66,8 @@ def test_hand_built_stam_numbers_equal_hand_computation():
     Scores ẑẑᵀ/√2 = ±√2, so row 0 attends [p, 1-p] with p = sigmoid(2√2), row 1 [1-p, p]; ω = p² + (1-p)².
     Outputs: out_0 = z_0 - (2p-1)(1,1) + b_L, out_1 = z_1 + (2p-1)(1,1) + b_L.
     With J the 2x2 ones matrix: Σ(z) = Σ(ẑ) = 2J, Σ′ = 8p²J, so Σ′−Σ = (8p²−2)J, ‖J‖₂ = ‖J‖_F = 2.
-    Mean shift = ‖b_L‖ = 0.5. Prop. 3 bound = 1·1·‖2J‖₂ = 4, which this sharp, aligned attention exceeds.
+    Mean shift = ‖b_L‖ = 0.5. Prop. 3 bound = 1·1·‖2J‖₂ = 4, which this sharp, aligned attention exceeds
+    through the cross term Cov(z, Δ) that Prop. 1 drops; the branch alone, Cov(Δ) = 2s²J, obeys it.
     Prop. 2 against the untuned W_q = 0 (uniform attention, output z + b_L, so Σ′ = Σ): change (8p²−2)·2;
     bound 2λ‖ΔW_q‖ max‖ẑ_i‖ ‖K‖₂ ‖W_LΣ(V)W_Lᵀ‖ = 2(1/√2)·1·√2·2·4 = 16 (the seed's 2/d form: 8√2).
     """
@@ -74,6 +92,8 @@ def test_hand_built_stam_numbers_equal_hand_computation():
         "cov_shift_spectral": 2 * (8 * p ** 2 - 2),
         "cov_shift_frobenius": 2 * (8 * p ** 2 - 2),
         "var_shift": 8 * p ** 2 - 2,
+        # Δ = out − z = ∓s(1,1) + b_L with s = 2p − 1: Cov(Δ) = 2s²J, Cov(z,Δ) + Cov(Δ,z) = 4sJ
+        "branch_cov_spectral": 4 * s ** 2, "cross_cov_spectral": 8 * s,
         "variance_z": 2.0,
         "sigma_z_spectral": 4.0, "sigma_z_frobenius": 4.0, "sigma_zhat_spectral": 4.0,
         "omega_mean": p ** 2 + (1 - p) ** 2, "omega_min": p ** 2 + (1 - p) ** 2, "omega_max": p ** 2 + (1 - p) ** 2,
@@ -86,6 +106,7 @@ def test_hand_built_stam_numbers_equal_hand_computation():
         "wq_delta": 1.0, "wq_delta_frobenius": math.sqrt(2),
         "omega_change": p ** 2 + (1 - p) ** 2 - 0.5,
         "cov_change_from_wq": 2 * (8 * p ** 2 - 2),
+        "cov_change_from_wq_branch": 4 * s ** 2,  # the untuned branch is the constant b_L
         "prop2_bound": 16.0,
         "prop2_bound_seed": 8 * math.sqrt(2),
     }
@@ -93,13 +114,15 @@ def test_hand_built_stam_numbers_equal_hand_computation():
         # rel 1e-6: STAM computes σ(W) from float32 singular vectors
         assert stats[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     assert stats["prop3_holds"] is False  # Prop. 3 is a statement in expectation; one input can break it
-    assert stats["prop2_holds"] is True
+    assert stats["prop3_holds_branch"] is True  # 4s² ≤ 4: the term Prop. 1 models obeys it
+    assert stats["prop2_holds"] is True and stats["prop2_holds_branch"] is True
     assert stats["recompute_error"] <= 1e-12
 
 
 # ---- Prop. 1 on i.i.d. Gaussian rows -----------------------------------------------------------------
 def gaussian(n, mean, cov, generator):
-    return mean + torch.randn(*n, mean.shape[0], generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    noise = torch.randn(*n, mean.shape[0], generator=generator, dtype=torch.float64)
+    return mean + noise @ torch.linalg.cholesky(cov).T
 
 
 def random_cov(d, generator, floor=0.3):
@@ -153,6 +176,7 @@ def test_prop1_closed_forms_on_iid_gaussian_rows():
     assert torch.linalg.matrix_norm(measured - want_cov, 2).item() <= 0.06 * norm
     assert stats["cov_shift_spectral"] == pytest.approx(norm, rel=0.06)
     assert stats["prop1_cov_shift_spectral"] == pytest.approx(norm, rel=0.06)
+    assert stats["cross_cov_spectral"] <= 0.06 * norm  # z and the branch are uncorrelated here
 
 
 def test_stam_mean_shift_is_b_l_and_prop3_holds_on_iid_gaussian_frames():
@@ -205,7 +229,7 @@ def test_probe_hooks_every_module_and_recomputes_its_attention(unet2d, scheduler
     x, text = video(3, h=8, w=8)
     records = analyze_shift(vu, x, text, [50, 900], scheduler, tags={"recipe": recipe, "state": "init"})
     blocks = len(ShiftProbe(vu).blocks())
-    assert blocks == 10
+    assert blocks == 7
     for kind, module in (("temporal", temporal), ("frame", {"ei2": "FFAM", "tune-a-video": "SCA"}[recipe]),
                          ("cross", "CA")):
         rs = [r for r in records if r["kind"] == kind]
@@ -225,15 +249,15 @@ def test_probe_hooks_every_module_and_recomputes_its_attention(unet2d, scheduler
 def test_prop3_holds_for_tuned_stam_and_prop2_for_every_tuned_query_map(unet2d, scheduler):
     vu = VideoUNet.from_2d(unet2d, "ei2")
     base = base_query_weights(vu)
-    assert len(base) == 30  # attn1, attn2 and STAM query maps of 10 blocks
+    assert len(base) == 21  # attn1, attn2 and STAM query maps of 7 blocks
     perturb(vu, 0.05)
     x, text = video(4, h=8, w=8)
     records = analyze_shift(vu, x, text, [300], scheduler, base_query_weights=base, max_queries=16,
                             tags={"recipe": "ei2", "state": "tuned"})
     stam = [r for r in records if r["kind"] == "temporal"]
-    assert all(r["prop3_holds"] and 0 < r["cov_shift_spectral"] for r in stam)
+    assert all(r["prop3_holds"] and r["prop3_holds_branch"] and 0 < r["cov_shift_spectral"] for r in stam)
     assert all(abs(r["w_l_spectral"] - 1) < 1e-3 and abs(r["w_v_spectral"] - 1) < 1e-3 for r in stam)
-    assert len([r for r in records if "wq_delta" in r]) == 30
+    assert len([r for r in records if "wq_delta" in r]) == 21
     assert all(r["prop2_holds"] and r["wq_delta"] > 0 for r in records if "wq_delta" in r)
     table = format_table(records)
     assert "Prop2 bound" in table and len(table.splitlines()) == len(records) + 2
@@ -290,7 +314,7 @@ def test_cli_bad_input_is_one_clear_error(tiny_sd, source_video, tmp_path, capsy
     args = [a.format(video=source_video, tmp=tmp_path) for a in args]
     assert run_cli(*args, "--model", tiny_sd, "--out", tmp_path / "out", "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after any "Loading weights" progress bar
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.startswith("ei2: error: ") and message in err and "Traceback" not in err
 
 
 def test_cli_refuses_adapter_of_a_recipe_not_asked_for(tiny_sd, source_video, tmp_path, capsys):

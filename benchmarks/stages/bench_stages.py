@@ -31,6 +31,16 @@ HERE = Path(__file__).resolve().parent
 REFERENCE = {"tuning step": 0.25, "forward": 0.11}  # Tune-A-Video's original code, same model and machine
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def tiny_sd_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
     lines = [
         "# Stage timings: tuning step, inversion, editing (8 frames)", "",
         f"Command: `{command}`", "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} threads, device {device}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
         "(a shared machine: other jobs ran meanwhile).", "",
         f"Model: tiny SD-layout UNet (32,32,64,64; 1 layer/block; cross-attention dim 32; 8 heads; 16 norm groups), "

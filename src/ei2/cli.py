@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub(\..*)?")
     with contextlib.suppress(Exception):
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -118,6 +121,10 @@ def _validate(s: cfg.Settings, command: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     if not s.lr > 0:
         raise ConfigError(f"--lr must be positive, got {s.lr}")
+    from .models import RECIPES
+
+    if s.recipe is not None and s.recipe not in RECIPES:
+        raise ConfigError(f"unknown --recipe {s.recipe!r}; choose one of: {', '.join(RECIPES)}")
     if s.resume and not s.out:
         raise ConfigError("--resume needs the --out of the interrupted run")
     if not Path(s.video).exists():
@@ -228,9 +235,13 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
     """Load the model, then read the video at the model's size; nothing is written yet."""
     import torch
 
-    from .pipeline import EI2Pipeline
+    from .pipeline import EI2Pipeline, default_model_path
     from .video import read_video
 
+    model_dir = default_model_path() if s.model is None else Path(s.model)
+    s.model_defaults = cfg.apply_model_defaults(s, model_dir if model_dir.is_dir() else None, command)
+    if s.model_defaults:
+        _validate(s, command)
     torch.manual_seed(s.seed)
     t = time.perf_counter()
     pipe = EI2Pipeline.from_pretrained(
@@ -278,6 +289,7 @@ def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path)
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_folder": str(final),
         "settings": settings,
+        "model_defaults": getattr(s, "model_defaults", {}),
         "versions": _versions(),
         "seeds": {"seed": s.seed, "tuning_noise_seed": s.seed},
         "video": {"path": str(video.path), "frames": video.num_frames, "fps": video.fps, "hash": frames_hash(video.frames),
@@ -352,7 +364,7 @@ def run_edit(args, argv) -> int:
         timings["invert_s"] = round(time.perf_counter() - t, 3)
         record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached}
 
-        edits, timings["edit_s"] = [], []
+        edits, edited, timings["edit_s"] = [], [], []
         (out / "edits").mkdir()
         for i, prompt in enumerate(s.target_prompt, 1):
             t = time.perf_counter()
@@ -365,12 +377,12 @@ def run_edit(args, argv) -> int:
             write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
             write_gif(frames, out / "edits" / f"{stem}.gif", fps)
             edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif"})
-            record.setdefault("_frames", []).append(frames)
+            edited.append(frames)
 
         t = time.perf_counter()
         write_mp4(video.frames, out / "source.mp4", fps)
         write_gif(video.frames, out / "source.gif", fps)
-        grid = make_grid([video.frames, *record.pop("_frames")], ["source: " + s.source_prompt, *s.target_prompt])
+        grid = make_grid([video.frames, *edited], ["source: " + s.source_prompt, *s.target_prompt])
         write_mp4(np.ascontiguousarray(grid), out / "grid.mp4", fps)
         write_gif(grid, out / "grid.gif", fps)
         timings["write_s"] = round(time.perf_counter() - t, 3)

@@ -179,10 +179,54 @@ def add_arguments(parser, command: str) -> None:
 
 
 def resolve(command: str, args, config_path: str | None) -> Settings:
-    """Defaults < YAML file < flags given on the command line."""
+    """Defaults < YAML file < flags given on the command line.
+
+    The names set by the file or the flags are kept in `settings.explicit`, so that a model's own
+    defaults (`apply_model_defaults`) replace only the generic ones.
+    """
     values = load_yaml(config_path, command) if config_path else {}
     for f in fields_for(command):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    return Settings(**values)
+    settings = Settings(**values)
+    settings.explicit = frozenset(values)
+    return settings
+
+
+MODEL_DEFAULTS_FILE = "ei2_defaults.json"
+MODEL_DEFAULT_KEYS = ("frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
+                      "negative_prompt", "fps")
+
+
+def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None, command: str) -> dict:
+    """Size-dependent defaults that follow the model (DESIGN §1.6): `<model>/ei2_defaults.json`.
+
+    A model folder may hold e.g. `{"steps": 100, "inference_steps": 25}`; those values replace the
+    generic defaults of options the user did not set. Returns the values applied.
+    """
+    import json
+
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object of option: value")
+    known = {f.name: f for f in fields_for(command)}
+    applied = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in MODEL_DEFAULT_KEYS:
+            raise ConfigError(f"{path}: {key!r} cannot be a model default; allowed: {', '.join(MODEL_DEFAULT_KEYS)}")
+        if name not in known or name in getattr(settings, "explicit", ()):
+            continue
+        value = _check_type(key, value, _base_type(known[name]), str(path))
+        setattr(settings, name, value)
+        applied[name] = value
+    return applied

@@ -174,7 +174,7 @@ def tune(
             result.losses.append(value)
             bar.update()
             bar.set_postfix(loss=f"{value:.4f}")
-            if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 _save_checkpoint(checkpoint_dir, step, unet, names, optimizer, accelerator, generator, identity,
                                  result.losses, config)
             if callback is not None:

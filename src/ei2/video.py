@@ -290,7 +290,7 @@ def make_grid(videos: list[np.ndarray], captions: list[str] | None = None, gap: 
             raise ValueError(f"{len(captions)} captions for {n} videos")
         font = ImageFont.load_default()
         chars = max(4, w // 6)
-        lines_per = [textwrap.wrap(c, chars, break_long_words=False)[:4] or [""] for c in captions]
+        lines_per = [textwrap.wrap(c, chars, break_long_words=False)[:8] or [""] for c in captions]
         line_h = 11
         caption_h = line_h * max(len(lines) for lines in lines_per) + 4
     width = n * w + (n - 1) * gap

@@ -30,6 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="auto (each process's accelerate device: cuda:N, else cpu), cpu, cuda (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
     parser.add_argument("--overwrite", action="store_true", help="redo jobs that already finished in --out")
+    parser.add_argument("--metrics", nargs="+", choices=("clip", "oracle", "flow"),
+                        help="measure these instead of the spec's metrics (e.g. without OpenCV: clip oracle)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the metrics of finished jobs from their saved frames, then rewrite the reports")
     parser.add_argument("--report-only", action="store_true", help="rewrite the reports of finished jobs, run nothing")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     parser.set_defaults(handler=run_command)
@@ -52,17 +56,24 @@ def run_command(args, argv=None) -> int:
     out = Path(args.out) if args.out else Path("outputs") / f"bench-{spec.name}"
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.report_only:
+    if args.metrics:
+        spec.metrics = tuple(args.metrics)
+    if args.report_only or args.rescore:
         from .report import write_report
-        from .run import JOB_FILE, job_dir
+        from .run import JOB_FILE, Runner, job_dir
 
         jobs = spec.jobs()
         missing = [j.id for j in jobs if not (job_dir(out, j) / JOB_FILE).is_file()]
-        if missing:
-            raise ConfigError(f"{len(missing)} of {len(jobs)} jobs are not finished in {out} (e.g. {missing[0]}); "
-                              "run without --report-only to finish them")
+        if len(missing) == len(jobs):
+            raise ConfigError(f"no job of this spec has finished in {out}; run without --report-only/--rescore")
+        if args.rescore:
+            runner = Runner(spec, out, "cpu" if args.device == "auto" else args.device)
+            for job in jobs:
+                if job.id not in missing:
+                    runner.rescore(job)
         write_report(spec, out, jobs)
-        print(f"ei2 bench: wrote {out / 'report.md'}", file=sys.stderr)
+        print(f"ei2 bench: wrote {out / 'report.md'} ({len(jobs) - len(missing)} of {len(jobs)} jobs finished)",
+              file=sys.stderr)
         return 0
     from .run import run_bench
 

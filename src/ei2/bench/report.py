@@ -23,14 +23,17 @@ BASELINE = "tune-a-video"
 PLOTTED = ("tex_ali", "tem_con", "frame_acc", "edit_acc", "keep_acc", "centre_err", "flicker", "warp_err")
 
 
-def t_quantile(df: int, p: float = 0.975) -> float:
-    """Student t quantile (Cornish-Fisher expansion around the normal; < 0.5% off for df >= 3)."""
-    z = {0.975: 1.959964, 0.95: 1.644854}[p]
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: int) -> float:
+    """97.5% quantile of Student's t with df degrees of freedom (table to 30, Cornish-Fisher beyond)."""
     if df <= 0:
         return float("nan")
-    exact = {1: 12.706, 2: 4.303}
-    if p == 0.975 and df in exact:
-        return exact[df]
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
     g1 = (z ** 3 + z) / 4
     g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
     g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
@@ -57,7 +60,8 @@ def collect(out: Path, jobs: list[Job]) -> list[dict]:
                 "video": job.video.name, "recipe": job.recipe.name, "seed": job.seed, "edit": e["index"],
                 "kind": e["kind"], "prompt": e["prompt"], **e["metrics"],
                 "tune_s": record["timings"].get("tune_s", 0.0), "edit_s": record["timings"]["edit_s"],
-                "job_s": record["timings"]["total_s"], "last_loss": record["tuning"]["mean_last_10"],
+                "job_s": record["timings"]["total_s"], "cpu_s": record["timings"].get("cpu_s"),
+                "last_loss": record["tuning"]["mean_last_10"],
                 "gif": f"jobs/{job.id}/{e['gif']}", "source_gif": f"jobs/{job.id}/source.gif",
             })
     return rows
@@ -99,23 +103,39 @@ def kind_table(rows: list[dict], recipes: list[str], key: str) -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: list[dict], recipes: list[str], keys: list[str], baseline: str) -> str:
-    """Mean difference recipe − baseline over matched (video, seed, edit), with its 95% interval."""
-    base = {(x["video"], x["seed"], x["edit"]): x for x in rows if x["recipe"] == baseline}
-    lines = ["| recipe − " + baseline + " | n | " + " | ".join(f"Δ {COLUMNS[k][0]} {_arrow(k)}" for k in keys) + " |",
-             "|" + "---|" * (len(keys) + 2)]
-    for r in recipes:
-        if r == baseline:
-            continue
-        pairs = [(x, base[(x["video"], x["seed"], x["edit"])]) for x in rows
-                 if x["recipe"] == r and (x["video"], x["seed"], x["edit"]) in base]
-        cells = []
-        for k in keys:
-            diffs = [a[k] - b[k] for a, b in pairs if a.get(k) is not None and b.get(k) is not None]
-            m, h, _ = mean_ci(diffs)
-            sig = "" if not (np.isfinite(h) and abs(m) > h) else " *"
-            cells.append(("+" if np.isfinite(m) and m > 0 else "") + _fmt(k, m, h) + sig)
-        lines.append(f"| {r} | {len(pairs)} | " + " | ".join(cells) + " |")
+ABLATIONS = (  # (question, recipe a, recipe b): each row of the ablation table is a - b on matched edits
+    ("STAM vs TA, with FFAM", "ei2", "ei2-ta"),
+    ("STAM vs TA, with sparse-causal", "tune-a-video+stam", "tune-a-video"),
+    ("FFAM vs sparse-causal, with STAM", "ei2", "tune-a-video+stam"),
+    ("FFAM vs sparse-causal, with TA", "ei2-ta", "tune-a-video"),
+    ("STAM after self- vs after cross-attention", "ei2", "ei2-after-cross"),
+    ("EI² vs Tune-A-Video", "ei2", "tune-a-video"),
+    ("tuned vs untuned", "ei2", "untuned"),
+)
+
+
+def _paired_cells(rows: list[dict], a: str, b: str, keys: list[str]) -> tuple[int, list[str]]:
+    """n matched (video, seed, edit) and, per metric, mean(a - b) ± 95% interval (* when it excludes 0)."""
+    base = {(x["video"], x["seed"], x["edit"]): x for x in rows if x["recipe"] == b}
+    pairs = [(x, base[(x["video"], x["seed"], x["edit"])]) for x in rows
+             if x["recipe"] == a and (x["video"], x["seed"], x["edit"]) in base]
+    cells = []
+    for k in keys:
+        diffs = [p[k] - q[k] for p, q in pairs if p.get(k) is not None and q.get(k) is not None]
+        m, h, _ = mean_ci(diffs)
+        sig = " *" if np.isfinite(h) and abs(m) > h else ""
+        cells.append(("+" if np.isfinite(m) and m > 0 else "") + _fmt(k, m, h) + sig)
+    return len(pairs), cells
+
+
+def paired_table(rows: list[dict], comparisons: list[tuple[str, str, str]], keys: list[str]) -> str:
+    """Mean difference a − b over matched (video, seed, edit), with its 95% interval."""
+    lines = ["| comparison | a − b | n | " + " | ".join(f"Δ {COLUMNS[k][0]} {_arrow(k)}" for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    for label, a, b in comparisons:
+        n, cells = _paired_cells(rows, a, b, keys)
+        if n:
+            lines.append(f"| {label} | {a} − {b} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -178,16 +198,23 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
         out += ["", "Variants: " + "; ".join(overrides) + "."]
     if "edit_acc" in keys:
         out += ["", "## Edit accuracy by kind of edit", "", kind_table(rows, recipes, "edit_acc")]
+    comparisons = [c for c in ABLATIONS if c[1] in recipes and c[2] in recipes]
+    if comparisons:
+        out += ["", "## Ablations: paired differences", "",
+                "a − b on the same video, seed and edit; * marks a 95% interval that excludes 0.", "",
+                paired_table(rows, comparisons, keys)]
     baseline = BASELINE if BASELINE in recipes else recipes[0]
-    if len(recipes) > 1:
-        out += ["", f"## Paired differences against `{baseline}`", "",
-                "Same video, seed and edit; * marks an interval that excludes 0.", "",
-                paired_table(rows, recipes, keys, baseline)]
-    out += ["", "## Time per job (s)", "", "| recipe | tuning | inversion + edits | job |", "|---|---|---|---|"]
+    others = [(f"against {baseline}", r, baseline) for r in recipes if r != baseline]
+    if others:
+        out += ["", f"## Every recipe against `{baseline}`", "", paired_table(rows, others, keys)]
+    out += ["", "## Time per job (s)", "", "Wall-clock means; CPU: the process's CPU time (all threads), when recorded.",
+            "", "| recipe | tuning | inversion + edits | job | CPU |", "|---|---|---|---|---|"]
     for r in recipes:
-        sub = {(x["video"], x["seed"]): x for x in rows if x["recipe"] == r}.values()
+        sub = list({(x["video"], x["seed"]): x for x in rows if x["recipe"] == r}.values())
+        cpu = [x["cpu_s"] for x in sub if x.get("cpu_s") is not None]
+        cpu_cell = f"{np.mean(cpu):.1f}" if cpu else "–"
         out.append(f"| {r} | {np.mean([x['tune_s'] for x in sub]):.1f} | {np.mean([x['edit_s'] for x in sub]):.1f} | "
-                   f"{np.mean([x['job_s'] for x in sub]):.1f} |")
+                   f"{np.mean([x['job_s'] for x in sub]):.1f} | {cpu_cell} |")
     return "\n".join(out) + "\n"
 
 
@@ -266,13 +293,25 @@ def html_report(spec: BenchSpec, rows: list[dict], md: str, plot_names: list[str
 
 
 def write_report(spec: BenchSpec, out: Path, jobs: list[Job]) -> None:
+    """Reports over the finished jobs among `jobs`; tables use the (video, seed) groups every recipe finished."""
     from ..video import atomic_path
 
-    rows = collect(out, jobs)
+    finished = [j for j in jobs if (out / "jobs" / j.id / "job.json").is_file()]
+    rows = collect(out, finished)
     write_csv(rows, out / "results.csv")
-    md = markdown(spec, rows, _timing(out, rows))
+    groups: dict = {}
+    for j in finished:
+        groups.setdefault((j.video.name, j.seed), set()).add(j.recipe.name)
+    complete = {g for g, names in groups.items() if len(names) == len(spec.recipes)}
+    table_rows = [r for r in rows if (r["video"], r["seed"]) in complete]
+    md = markdown(spec, table_rows, _timing(out, rows))
+    if len(finished) < len(jobs):
+        note = (f"**Partial: {len(finished)} of {len(jobs)} jobs finished; the tables use the {len(complete)} "
+                f"(video, seed) pairs that every recipe finished ({len(table_rows)} edits).**\n\n")
+        head, _, rest = md.partition("\n\n")
+        md = head + "\n\n" + note + rest
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(md)
-    names = plots(rows, [r.name for r in spec.recipes], out / "plots")
+    names = plots(table_rows, [r.name for r in spec.recipes], out / "plots")
     with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(html_report(spec, rows, md, names))
+        tmp.write_text(html_report(spec, table_rows, md, names))

@@ -60,7 +60,8 @@ class Log:
         self.rank = rank
 
     def __call__(self, event: str, **data) -> None:
-        line = json.dumps({"event": event, "rank": self.rank, "pid": os.getpid(), "time": round(time.time(), 3), **data})
+        line = json.dumps({"event": event, "rank": self.rank, "pid": os.getpid(), "time": round(time.time(), 3),
+                           **data})
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
@@ -93,7 +94,7 @@ class Runner:
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "edits").mkdir(parents=True)
         timings = {}
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         pipe = EI2Pipeline.from_pretrained(self.spec.model, recipe=job.recipe.recipe, device=self.device,
                                            dtype=s["dtype"])
         pipe.set_progress_bar_config(disable=self.quiet)
@@ -128,6 +129,7 @@ class Runner:
             edits.append({"index": i, "kind": edit.kind, "prompt": edit.prompt, "gif": gif, "metrics": row})
         np.savez_compressed(partial / "frames.npz", source=frames, edits=np.asarray(edited))
         timings["total_s"] = time.perf_counter() - t0
+        timings["cpu_s"] = time.process_time() - cpu0  # CPU time of this process (all its threads)
         record = {
             "id": job.id, "video": job.video.name, "recipe": job.recipe.name, "seed": job.seed,
             "config": json.loads(json.dumps(job.config(self.spec), default=str)),
@@ -141,6 +143,22 @@ class Runner:
             shutil.rmtree(final)
         os.replace(partial, final)
         return record
+
+
+    def rescore(self, job: Job) -> None:
+        """Recompute the metrics of a finished job from its frames.npz (e.g. after changing `metrics`)."""
+        from ..metrics.evaluate import evaluate_edits
+
+        folder = job_dir(self.out, job)
+        record = json.loads((folder / JOB_FILE).read_text())
+        with np.load(folder / "frames.npz") as data:
+            source, edited = data["source"], data["edits"]
+        _, centres, _ = job.video.load(job.settings, source.shape[1])
+        rows = evaluate_edits([(e.prompt, f) for e, f in zip(job.video.edits, edited)], source,
+                              job.video.source_prompt, self.spec.metrics, self.scorer, source_centres=centres)
+        for edit, row in zip(record["edits"], rows):
+            edit["metrics"] = row
+        _write_json(folder / JOB_FILE, record)
 
 
 def _device(requested: str, state) -> str:

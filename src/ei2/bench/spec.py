@@ -267,7 +267,7 @@ def _videos(spec_path: Path, values) -> list[VideoEntry]:
 def _seeds(where: str, values) -> list[int]:
     if isinstance(values, int) and not isinstance(values, bool):
         values = [values]
-    if not isinstance(values, list) or not values or not all(isinstance(s, int) and not isinstance(s, bool) for s in values):
+    if not isinstance(values, list) or not values or any(not isinstance(s, int) or isinstance(s, bool) for s in values):
         raise ConfigError(f"{where}: 'seeds' must be a list of integers, got {values!r}")
     return list(values)
 

@@ -8,6 +8,7 @@
 from .controllers import (
     AttentionEdit, AttentionRefine, AttentionReplace, AttentionReweight, AttentionStore, LayerPlace, LocalBlend,
 )
+from .edit import ControlledEdit, controlled_edit, null_text_invert
 from .null_text import NullTextCache, NullTextInversion, ddim_inversion_trajectory, null_text_inversion, null_text_key
 from .options import P2PConfig, build_controller, parse_cross_replace, parse_reweight
 from .processors import ControlledCrossAttention, ControlledFrameAttention, attention_control
@@ -16,6 +17,7 @@ from .visualize import attention_grid, save_attention_grid
 from .words import P2PError, refinement_mapper, word_token_indices
 
 __all__ = [
+    "ControlledEdit", "controlled_edit", "null_text_invert",
     "AttentionEdit", "AttentionRefine", "AttentionReplace", "AttentionReweight", "AttentionStore", "LayerPlace",
     "LocalBlend", "NullTextCache", "NullTextInversion", "ddim_inversion_trajectory", "null_text_inversion",
     "null_text_key", "P2PConfig", "build_controller", "parse_cross_replace", "parse_reweight",

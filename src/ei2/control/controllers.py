@@ -112,12 +112,13 @@ class AttentionStore:
         """Cross-attention maps averaged over the stored steps: place -> (p, f, n, L)."""
         return {place: maps / max(self.num_stored, 1) for place, maps in self.sum_maps.items()}
 
-    def word_maps(self, token_weights: torch.Tensor, levels: tuple[int, ...] | None = None, pool: bool = False,
+    def word_maps(self, token_weights: torch.Tensor, levels: tuple[int, ...] | None = None,
                   maps: dict[LayerPlace, torch.Tensor] | None = None) -> torch.Tensor:
-        """Map of weighted tokens on the latent grid: token_weights (p, L) -> (p, f, h, w), mean over layers.
+        """Map of weighted tokens on the latent grid: token_weights (p, L) -> (p, f, h, w).
 
-        Each layer's map is summed over the weighted tokens on its own level's grid, optionally dilated by
-        a 3x3 max-pool there, and resized (nearest) to the latent grid; any frame count and latent size.
+        Each layer's map (summed over steps unless `maps` is given) is summed over the weighted tokens on
+        its own level's grid and resized (bilinear) to the latent grid; the mean over the layers of
+        `levels` (all when None). Any frame count, any latent size.
         """
         maps = self.sum_maps if maps is None else maps
         if not maps or self.latent_size is None:
@@ -129,9 +130,7 @@ class AttentionStore:
             gh, gw = level_grid(self.latent_size, place.level)
             w = torch.einsum("pfnl,pl->pfn", m, token_weights.to(m))
             w = rearrange(w, "p f (h w) -> (p f) 1 h w", h=gh, w=gw)
-            if pool:
-                w = F.max_pool2d(w, kernel_size=3, stride=1, padding=1)
-            total = total + F.interpolate(w, size=self.latent_size, mode="nearest")
+            total = total + F.interpolate(w, size=self.latent_size, mode="bilinear", align_corners=False)
             count += 1
         if count == 0:
             raise ValueError(f"no cross-attention layer at levels {levels}; stored levels are "
@@ -139,14 +138,19 @@ class AttentionStore:
         return rearrange(total / count, "(p f) 1 h w -> p f h w", p=token_weights.shape[0])
 
 
+BLEND_LEVEL = 2  # Prompt-to-Prompt's masks come from the 16x16 maps of a 64x64 latent: level 2
+
+
 class LocalBlend:
     """Local blending by cross-attention masks of chosen words (Prompt-to-Prompt's LocalBlend, any f, h, w).
 
     word_weights (p, L): 1 at the tokens of the blend words of each prompt (source row 0). Mask per frame:
-    the words' maps (summed over steps, dilated 3x3, mean over layers at `levels`, all when None),
-    normalised by their maximum per frame, above `threshold[0]`; union of the source's and each target's.
-    `exclude_weights` (p, L): words whose mask (above `threshold[1]`, not dilated) is removed from it.
-    Applied from step `start_step` on.
+    the words' maps summed over the steps so far, from the layers at `levels` (default: level 2, whose grid
+    is a quarter of the latent's side as in Prompt-to-Prompt, or the nearest level that has maps), dilated
+    by 1/16 of the latent's side, normalised to [0, 1] per frame (min-max: on Stable Diffusion the minimum
+    is ~0 and this is P2P's division by the maximum), above `threshold[0]`; the union of the source's and
+    each target's mask. `exclude_weights` (p, L): words whose mask (above `threshold[1]`, not dilated) is
+    removed from it. Applied from step `start_step` on.
     """
 
     def __init__(self, word_weights: torch.Tensor, threshold: tuple[float, float] = (0.3, 0.3), start_step: int = 0,
@@ -158,19 +162,28 @@ class LocalBlend:
         self.levels = levels
         self.last_mask: torch.Tensor | None = None
 
-    def _mask(self, store: AttentionStore, weights: torch.Tensor, threshold: float, pool: bool) -> torch.Tensor:
-        maps = store.word_maps(weights, self.levels, pool=pool)  # p f h w
-        maps = maps / maps.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-        mask = maps > threshold
+    def mask_levels(self, store: AttentionStore) -> tuple[int, ...]:
+        if self.levels is not None:
+            return self.levels
+        stored = {place.level for place in store.sum_maps}
+        return (min(stored, key=lambda level: (abs(level - BLEND_LEVEL), -level)),)
+
+    def _mask(self, store: AttentionStore, weights: torch.Tensor, threshold: float, dilate: bool) -> torch.Tensor:
+        maps = store.word_maps(weights, self.mask_levels(store))  # p f h w
+        if dilate:
+            r = max(1, round(min(maps.shape[-2:]) / 16))
+            maps = F.max_pool2d(maps, kernel_size=2 * r + 1, stride=1, padding=r)
+        low, high = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+        mask = (maps - low) / (high - low).clamp_min(1e-12) > threshold
         return mask[:1] | mask
 
     def __call__(self, store: AttentionStore, i: int, latents: torch.Tensor) -> torch.Tensor:
         """latents: p c f h w (source first) -> targets blended with the source outside the mask."""
         if i < self.start_step:
             return latents
-        mask = self._mask(store, self.word_weights, self.threshold[0], pool=True)
+        mask = self._mask(store, self.word_weights, self.threshold[0], dilate=True)
         if self.exclude_weights is not None:
-            mask = mask & ~self._mask(store, self.exclude_weights, self.threshold[1], pool=False)
+            mask = mask & ~self._mask(store, self.exclude_weights, self.threshold[1], dilate=False)
         mask = rearrange(mask, "p f h w -> p 1 f h w").to(latents.dtype)
         self.last_mask = mask
         source = latents[:1]

@@ -96,6 +96,9 @@ def null_text_inversion(
     bar = progress(total=n * num_inner_steps) if progress is not None else None
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     unet.requires_grad_(False)  # only the embedding is optimised; no gradients into (tuned) weights
+    # under fp16 autocast the per-element gradients of a mean over a whole video (~1e-7) underflow:
+    # scale the loss for the backward pass and unscale the embedding's (fp32) gradient, as GradScaler does
+    loss_scale = 2.0**16 if torch.is_autocast_enabled() else 1.0
     try:
         x = trajectory[-1]
         for i, t in enumerate(steps):
@@ -113,7 +116,11 @@ def null_text_inversion(
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                     loss = F.mse_loss(_ddim.step(eps, x, alpha_t, alpha_next).float(), target.float())
                     optimizer.zero_grad()
-                    loss.backward()
+                    (loss * loss_scale).backward()
+                uncond.grad /= loss_scale
+                if not torch.isfinite(uncond.grad).all():  # fp16 overflow: smaller scale, same iteration again
+                    loss_scale /= 2
+                    continue
                 optimizer.step()
                 done += 1
                 if bar is not None:

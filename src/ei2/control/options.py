@@ -36,7 +36,7 @@ class P2PConfig:
     blend_threshold: mask threshold on maps normalised to [0, 1]; a pair gives the `blend_exclude` threshold.
     blend_exclude: words whose mask is removed from the blend mask.
     blend_start: fraction of the steps after which blending starts.
-    blend_levels: UNet levels whose maps make the mask (None: every level with cross-attention).
+    blend_levels: UNet levels whose maps make the mask (None: level 2, a quarter of the latent side, as P2P).
     """
 
     mode: str = "replace"

@@ -26,7 +26,6 @@ class P2PError(ConfigError):
 
 
 Window = tuple[float, float]
-Fractions = "float | Window | Mapping[str, float | Window]"
 
 
 def prompt_tokens(tokenizer, prompt: str) -> list[int]:

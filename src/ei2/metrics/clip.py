@@ -93,18 +93,21 @@ class ClipScorer:
                 raise ModelError(f"--clip-model {model}: expected a transformers CLIPModel folder, got a file")
             return str(path)
         if str(model).startswith((".", "/", "~")) or not _HUB_ID.match(str(model)):
-            raise ModelError(f"CLIP model folder not found: {model}; pass --clip-model with a transformers CLIPModel folder")
+            raise ModelError(f"CLIP model folder not found: {model}; "
+                             "pass --clip-model with a transformers CLIPModel folder")
         return str(model)
 
     def _processor(self, source: str):
         """The folder's CLIPImageProcessor; without one, CLIP's standard preprocessing at the model's size."""
-        from transformers import CLIPImageProcessor
-
+        try:  # transformers >= 5: the PIL processor (the default one wants torchvision)
+            from transformers import CLIPImageProcessorPil as Processor
+        except ImportError:
+            from transformers import CLIPImageProcessor as Processor
         try:
-            return CLIPImageProcessor.from_pretrained(source)
+            return Processor.from_pretrained(source)
         except Exception:  # noqa: BLE001 - no preprocessor_config.json: OpenAI CLIP's defaults
             side = int(self.model.config.vision_config.image_size)
-            return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+            return Processor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
 
     @torch.no_grad()
     def embed_images(self, frames: np.ndarray, batch_size: int = 32) -> torch.Tensor:

@@ -21,6 +21,11 @@ Prop. 1 assumes the attended values are independent of the residual z and of the
 That holds for cross-attention on an independent c, not for the temporal modules, whose values are
 made of the same rows as z (and STAM's centred values sum to zero over the frames): there the measured
 shift is the quantity of interest, and the closed form is reported beside it, not instead of it.
+With Δ = out − z the branch, Σ′−Σ = Cov(Δ) + Cov(z, Δ) + Cov(Δ, z): Prop. 1 models Cov(Δ) (as
+ω W_LᵀΣ(V)W_L) and drops the cross term, which is first order in W_L where Cov(Δ) and the bounds of
+Prop. 2–3 are second order. So both are checked: `prop3_holds` on the measured ‖Σ′−Σ‖ and
+`prop3_holds_branch` on ‖Cov(Δ)‖ (the same for Prop. 2). A zero-initialised output map that has
+moved little (TA early in tuning) can break the first while keeping the second.
 
 Prop. 2 (tuning W_q): given the untuned query weights, each hooked module whose W_q moved is run
 again on the same input with the untuned W_q (all its other weights as they are), and the change of
@@ -39,7 +44,9 @@ import torch
 from einops import rearrange
 
 KINDS = ("temporal", "frame", "cross")
-FRAME_ATTENTION_NAMES = {"SparseCausalAttention": "SCA", "FineCoarseFrameAttention": "FFAM", "FullFrameAttention": "full"}
+FRAME_ATTENTION_NAMES = {
+    "SparseCausalAttention": "SCA", "FineCoarseFrameAttention": "FFAM", "FullFrameAttention": "full",
+}
 
 # columns of the table: (key, header, format)
 TABLE_COLUMNS = (
@@ -51,18 +58,21 @@ TABLE_COLUMNS = (
     ("mean_shift", "‖µ′−µ‖", "{:.3g}"),
     ("cov_shift_spectral", "‖Σ′−Σ‖₂", "{:.3g}"),
     ("cov_shift_frobenius", "‖Σ′−Σ‖F", "{:.3g}"),
-    ("var_shift", "|Δvar|", "{:.3g}"),
+    ("branch_cov_spectral", "‖Cov(Δ)‖₂", "{:.3g}"),
+    ("var_shift", "Δvar", "{:.3g}"),
     ("sigma_z_spectral", "‖Σ(z)‖₂", "{:.3g}"),
     ("omega_mean", "ω mean", "{:.3f}"),
     ("omega_range", "ω [min,max]", "{}"),
     ("prop3_bound", "Prop3 bound", "{:.3g}"),
     ("prop3_holds", "holds", "{}"),
+    ("prop3_holds_branch", "Δ holds", "{}"),
 )
 ADAPTER_COLUMNS = (
     ("wq_delta", "‖ΔW_q‖₂", "{:.3g}"),
     ("cov_change_from_wq", "‖ΔΣ′‖₂ (W_q)", "{:.3g}"),
     ("prop2_bound", "Prop2 bound", "{:.3g}"),
     ("prop2_holds", "holds2", "{}"),
+    ("prop2_holds_branch", "Δ holds2", "{}"),
 )
 
 
@@ -135,6 +145,9 @@ def residual_attention_shift(
     mu_out, sigma_out = _cov(out)
     _, sigma_hat = _cov(z_hat)
     delta = sigma_out - sigma
+    # Σ′−Σ = Cov(Δ) + Cov(z, Δ) + Cov(Δ, z) with Δ = out − z the branch: Prop. 1 models Cov(Δ) only
+    _, sigma_branch = _cov(out - z)
+    cross = delta - sigma_branch
 
     # attention probabilities recomputed from the module's weights, on (a subset of) its query rows
     pick = _query_subset(z.shape[1], max_queries)
@@ -174,6 +187,8 @@ def residual_attention_shift(
         "cov_shift_spectral": cov_shift,
         "cov_shift_frobenius": _frobenius(delta),
         "var_shift": delta.diagonal().abs().mean().item(),
+        "branch_cov_spectral": _spectral(sigma_branch),
+        "cross_cov_spectral": _spectral(cross),
         "variance_z": sigma.diagonal().mean().item(),
         "sigma_z_spectral": _spectral(sigma),
         "sigma_z_frobenius": _frobenius(sigma),
@@ -191,6 +206,7 @@ def residual_attention_shift(
         "prop3_bound": bound,
         "prop3_ratio": cov_shift / bound if bound > 0 else math.inf if cov_shift > 0 else 0.0,
         "prop3_holds": cov_shift <= bound * (1 + 1e-6) + 1e-12,
+        "prop3_holds_branch": _spectral(sigma_branch) <= bound * (1 + 1e-6) + 1e-12,
         "recompute_error": recompute_error / scale_out,  # relative to max |out|: ~1e-7 in fp32
         "omega_samples": flat[::step].float().cpu(),
     }
@@ -210,8 +226,10 @@ def _query_tuning_shift(attn, zq, zhq, keys, values, omega, branch, w_l, b_l, si
     head_dim = diff.shape[0] // heads
     base_queries = zhq.double() @ base_weight.T
     omega_base, _, attended_base = _attend(attn, base_queries, keys.double(), values.double(), chunk)
+    branch_base = attended_base @ w_l.T + b_l
     _, sigma_tuned = _cov(zq.double() + branch)
-    _, sigma_base = _cov(zq.double() + attended_base @ w_l.T + b_l)
+    _, sigma_base = _cov(zq.double() + branch_base)
+    change_branch = _spectral(_cov(branch)[1] - _cov(branch_base)[1])
     z_row_norm = zhq.double().norm(dim=-1).max().item()
     k = _heads(keys.double(), heads)  # b h m d
     bound = bound_seed = 0.0
@@ -232,6 +250,8 @@ def _query_tuning_shift(attn, zq, zhq, keys, values, omega, branch, w_l, b_l, si
         "prop2_bound": bound,
         "prop2_bound_seed": bound_seed,
         "prop2_holds": change <= bound * (1 + 1e-6) + 1e-12,
+        "cov_change_from_wq_branch": change_branch,
+        "prop2_holds_branch": change_branch <= bound * (1 + 1e-6) + 1e-12,
     }
 
 
@@ -445,13 +465,14 @@ def format_table(records: list[dict], markdown: bool = False) -> str:
 
 CSV_FIELDS = (
     "recipe", "state", "timestep", "layer", "module", "kind", "path", "rows", "keys", "heads",
-    "mean_shift", "cov_shift_spectral", "cov_shift_frobenius", "var_shift", "variance_z",
+    "mean_shift", "cov_shift_spectral", "cov_shift_frobenius", "branch_cov_spectral", "cross_cov_spectral",
+    "var_shift", "variance_z",
     "sigma_z_spectral", "sigma_z_frobenius", "sigma_zhat_spectral",
     "omega_mean", "omega_min", "omega_median", "omega_max", "omega_lower",
     "w_l_spectral", "w_v_spectral", "b_l_norm", "prop1_mean_shift", "prop1_cov_shift_spectral",
-    "prop3_bound", "prop3_ratio", "prop3_holds", "recompute_error",
-    "wq_delta", "wq_delta_frobenius", "omega_change", "cov_change_from_wq", "prop2_bound", "prop2_bound_seed",
-    "prop2_holds",
+    "prop3_bound", "prop3_ratio", "prop3_holds", "prop3_holds_branch", "recompute_error",
+    "wq_delta", "wq_delta_frobenius", "omega_change", "cov_change_from_wq", "cov_change_from_wq_branch",
+    "prop2_bound", "prop2_bound_seed", "prop2_holds", "prop2_holds_branch",
 )
 
 
@@ -480,22 +501,29 @@ def summarize(records: list[dict]) -> list[dict]:
             "mean_shift": mean("mean_shift"), "cov_shift_spectral": mean("cov_shift_spectral"),
             "var_shift": mean("var_shift"), "variance_z": mean("variance_z"),
             "sigma_z_spectral": mean("sigma_z_spectral"), "omega_mean": mean("omega_mean"),
+            "branch_cov_spectral": mean("branch_cov_spectral"),
             "max_prop3_ratio": max(r["prop3_ratio"] for r in rs),
             "prop3_holds": f"{sum(bool(r['prop3_holds']) for r in rs)}/{len(rs)}",
+            "prop3_holds_branch": f"{sum(bool(r['prop3_holds_branch']) for r in rs)}/{len(rs)}",
         }
         tuned = [r for r in rs if "prop2_holds" in r]
         if tuned:
             row["prop2_holds"] = f"{sum(bool(r['prop2_holds']) for r in tuned)}/{len(tuned)}"
+            row["prop2_holds_branch"] = f"{sum(bool(r['prop2_holds_branch']) for r in tuned)}/{len(tuned)}"
         out.append(row)
     return out
 
 
 def format_summary(summary: list[dict], markdown: bool = False) -> str:
     columns = [("recipe", "{}"), ("state", "{}"), ("kind", "{}"), ("module", "{}"), ("n", "{}"),
-               ("mean_shift", "{:.3g}"), ("cov_shift_spectral", "{:.3g}"), ("var_shift", "{:.3g}"),
+               ("mean_shift", "{:.3g}"), ("cov_shift_spectral", "{:.3g}"), ("branch_cov_spectral", "{:.3g}"),
+               ("var_shift", "{:.3g}"),
                ("variance_z", "{:.3g}"), ("sigma_z_spectral", "{:.3g}"), ("omega_mean", "{:.3f}"),
-               ("max_prop3_ratio", "{:.3g}"), ("prop3_holds", "{}"), ("prop2_holds", "{}")]
-    headers = {"mean_shift": "‖µ′−µ‖", "cov_shift_spectral": "‖Σ′−Σ‖₂", "var_shift": "|Δvar|",
+               ("max_prop3_ratio", "{:.3g}"), ("prop3_holds", "{}"), ("prop3_holds_branch", "{}"),
+               ("prop2_holds", "{}"), ("prop2_holds_branch", "{}")]
+    headers = {"mean_shift": "‖µ′−µ‖", "cov_shift_spectral": "‖Σ′−Σ‖₂", "var_shift": "Δvar",
+               "branch_cov_spectral": "‖Cov(Δ)‖₂", "prop3_holds_branch": "Prop3 (Cov(Δ))",
+               "prop2_holds_branch": "Prop2 (Cov(Δ))",
                "variance_z": "var(z)", "sigma_z_spectral": "‖Σ(z)‖₂", "omega_mean": "ω mean",
                "max_prop3_ratio": "max shift/bound", "prop3_holds": "Prop3 holds", "prop2_holds": "Prop2 holds"}
     records = [{k: (f.format(r[k]) if k in r else "") for k, f in columns} for r in summary]
@@ -524,7 +552,7 @@ def plot_shift(records: list[dict], path, title: str = "") -> None:
 
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
     states = list(dict.fromkeys(r["state"] for r in records))
-    fig, axes = plt.subplots(3, len(recipes), figsize=(5.5 * len(recipes), 10), sharey="row", squeeze=False)
+    fig, axes = plt.subplots(3, len(recipes), figsize=(5.5 * len(recipes) + 2, 10), sharey="row", squeeze=False)
     floor = 1e-10
     styles = {"temporal": "-", "frame": "--", "cross": ":"}
     colours = {s: c for s, c in zip(states, ("tab:blue", "tab:orange", "tab:green", "tab:red"))}
@@ -570,9 +598,10 @@ def plot_shift(records: list[dict], path, title: str = "") -> None:
                 patch.set_facecolor(colour)
                 patch.set_alpha(0.5)
             frames = next(r["keys"] for r in rs if r["kind"] == "temporal")
-            axes[2, col].axhline(1 / frames, color="gray", linestyle=":", label=f"1/f = {1 / frames:.3g}")
-            axes[2, col].set_ylim(0, 1.02)
-            axes[2, col].legend(fontsize=7)
+            axes[2, col].axhline(1 / frames, color="gray", linestyle=":", label=f"1/f = {1 / frames:.3g} (uniform)")
+            top = max([float(d.max()) for d in data] + [1 / frames])
+            axes[2, col].set_ylim(1 / frames - 0.02 * (top - 1 / frames) - 1e-4, top + 0.05 * (top - 1 / frames) + 1e-4)
+            axes[2, col].legend(fontsize=7, loc="upper right")
         for row in range(3):
             axes[row, col].set_xticks(list(x))
             axes[row, col].set_xticklabels(layers, rotation=45, fontsize=7)
@@ -581,8 +610,12 @@ def plot_shift(records: list[dict], path, title: str = "") -> None:
         axes[0, col].set_title(f"{recipe}: covariance shift ‖Σ′−Σ‖₂")
         axes[1, col].set_title(f"{recipe}: mean shift ‖µ′−µ‖₂")
         axes[2, col].set_title(f"{recipe}: ω = ‖Mⁱ‖² of the temporal module")
-        axes[0, col].legend(fontsize=6)
-        axes[1, col].legend(fontsize=6)
+        if col == len(recipes) - 1:
+            axes[0, col].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            axes[1, col].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            axes[0, col].legend(fontsize=6, loc="lower right")
+            axes[1, col].legend(fontsize=6, loc="lower right")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

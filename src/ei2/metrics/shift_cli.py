@@ -53,21 +53,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
-    parser.set_defaults(func=run)
+    parser.set_defaults(handler=handler)
     return parser
 
 
+def handler(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """The `ei2` command's handler signature: (parsed args, raw argv)."""
+    return run(args, argv)
+
+
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"ei2: error: {message}", file=sys.stderr)
     return 2
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run `ei2 analyze-shift`; exit code 2 on bad input. `argv` (the line after `ei2`) is echoed in shift.md."""
     from ..errors import EI2Error
     from ..models.video_unet import AdapterMismatchError
 
     try:
-        return _run(args)
+        return _run(args, argv)
     except (EI2Error, AdapterMismatchError) as e:
         return _fail(str(e))
 
@@ -106,7 +112,7 @@ def _check_args(args) -> tuple[list[str], dict[str, list[Path]], list[str], Path
     return recipes, adapters, kinds, out
 
 
-def _run(args) -> int:
+def _run(args, argv) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -139,14 +145,14 @@ def _run(args) -> int:
     for recipe in recipes:
         model = VideoUNet.from_2d(unet2d, recipe).to(device)
         base = base_query_weights(model)
-        print(f"analysing {recipe} (untuned) at t = {', '.join(map(str, timesteps))}", file=sys.stderr)
+        print(f"ei2: analysing {recipe} (untuned) at t = {', '.join(map(str, timesteps))}", file=sys.stderr)
         records += analyze_shift(model, latents, text, timesteps, pipe.scheduler, seed=args.seed, kinds=tuple(kinds),
                                  max_queries=args.max_queries, tags={"recipe": recipe, "state": "init"})
         names = adapters.get(recipe, [])
         for directory in names:
             model.load_adapter(directory)
             state = "tuned" if len(names) == 1 else f"tuned:{directory.name}"
-            print(f"analysing {recipe} with adapter {directory}", file=sys.stderr)
+            print(f"ei2: analysing {recipe} with adapter {directory}", file=sys.stderr)
             records += analyze_shift(model, latents, text, timesteps, pipe.scheduler, seed=args.seed,
                                      kinds=tuple(kinds), base_query_weights=base, max_queries=args.max_queries,
                                      tags={"recipe": recipe, "state": state})
@@ -155,7 +161,7 @@ def _run(args) -> int:
             torch.cuda.empty_cache()
 
     summary = summarize(records)
-    command = "ei2 analyze-shift " + " ".join(_quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    command = "ei2 " + " ".join(_quote(str(a)) for a in argv) if argv else ""
     temporal = [r for r in records if r["kind"] == "temporal"]
     print(format_summary(summary))
     print()
@@ -183,7 +189,7 @@ def _run(args) -> int:
     with atomic_path(out / "shift.md") as tmp:
         tmp.write_text("\n".join(markdown))
     plot_shift(records, out / "shift_by_layer.png", title=f"covariate shift on {Path(args.video).name}")
-    print(f"\nwrote {out / 'shift.csv'}, {out / 'shift.md'}, {out / 'shift_by_layer.png'}", file=sys.stderr)
+    print(f"\nei2: wrote {out / 'shift.csv'}, {out / 'shift.md'}, {out / 'shift_by_layer.png'}", file=sys.stderr)
     return 0
 
 
@@ -197,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ei2")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_parser(subparsers)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args, argv)
 
 
 if __name__ == "__main__":

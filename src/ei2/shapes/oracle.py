@@ -55,15 +55,12 @@ class Reading:
 
 
 def _shift_or(mask: np.ndarray, op) -> np.ndarray:
-    """3x3 dilation (op=np.logical_or) or erosion (op=np.logical_and) of (n, h, w) bool masks."""
+    """3x3 dilation (op=np.logical_or) or erosion (op=np.logical_and) of (n, h, w) bool masks, separably."""
     fill = op is np.logical_and  # outside the frame counts as set for erosion, so edges do not erode
-    p = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=fill)
-    h, w = mask.shape[1:]
-    out = p[:, 1:h + 1, 1:w + 1].copy()
-    for di in (0, 1, 2):
-        for dj in (0, 1, 2):
-            out = op(out, p[:, di:di + h, dj:dj + w])
-    return out
+    p = np.pad(mask, ((0, 0), (1, 1), (0, 0)), constant_values=fill)
+    rows = op(op(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+    p = np.pad(rows, ((0, 0), (0, 0), (1, 1)), constant_values=fill)
+    return op(op(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
 
 
 def _nearest(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -84,23 +81,23 @@ def read_frames(frames: np.ndarray) -> Reading:
                              x[:, 2:-2, :2].reshape(n, -1, 3), x[:, 2:-2, -2:].reshape(n, -1, 3)], axis=1)
     bg = np.median(border, axis=1)  # (n, 3)
     background = _nearest(bg, BACKGROUND_RGB)
-    # 2. colour of the far-from-background pixels
-    dist = np.linalg.norm(x - bg[:, None, None, :], axis=-1)  # (n, h, w)
-    fg = dist > FOREGROUND_DISTANCE
+    # 2. colour of the far-from-background pixels: the palette colour most of them are nearest to,
+    #    then the mean of the pixels that voted for it (the object's colour as rendered or generated)
+    diff = x - bg[:, None, None, :]
+    fg = (diff * diff).sum(-1) > FOREGROUND_DISTANCE ** 2  # (n, h, w)
     found = fg.reshape(n, -1).sum(1) >= 4
-    masked = np.where(fg[..., None], x, np.nan).reshape(n, -1, 3)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            obj = np.nanmedian(masked, axis=1)
+    pix = x.reshape(n, -1, 3)
+    d2 = (pix * pix).sum(-1)[..., None] - 2 * pix @ COLOR_RGB.T + (COLOR_RGB * COLOR_RGB).sum(-1)  # (n, hw, k)
+    vote = d2.argmin(-1)  # (n, hw)
+    onehot = (vote[..., None] == np.arange(len(COLOR_RGB))) & fg.reshape(n, -1, 1)
+    color = onehot.sum(1).argmax(1)
+    chosen = onehot[np.arange(n), :, color]  # (n, hw)
+    obj = (pix * chosen[..., None]).sum(1) / np.maximum(chosen.sum(1), 1)[:, None]
     obj = np.where(found[:, None], obj, bg)
-    color = _nearest(obj, COLOR_RGB)
     # 3. object mask: at least half way from the background to the object's colour
     axis = obj - bg
     denom = np.maximum((axis ** 2).sum(-1), 1.0)[:, None, None]
-    t = ((x - bg[:, None, None, :]) * axis[:, None, None, :]).sum(-1) / denom
+    t = (diff * axis[:, None, None, :]).sum(-1) / denom
     mask = (t > 0.5) & found[:, None, None]
     opened = _shift_or(_shift_or(mask, np.logical_and), np.logical_or)
     region = _shift_or(_shift_or(opened, np.logical_or), np.logical_or)

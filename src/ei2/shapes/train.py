@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     stages = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "export" else []
     for name in stages:
         cfg = DEFAULTS[args.device][name]

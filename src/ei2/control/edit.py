@@ -1,0 +1,114 @@
+"""An EI² edit with Prompt-to-Prompt control and/or null-text inversion, on an `EI2Pipeline` (DESIGN §1.8).
+
+    result = controlled_edit(pipe, latents, "a man is skiing", ["a panda is skiing"],
+                             p2p=P2PConfig("replace", blend_words=("man", "panda")), null_text=True)
+    frames = pipe.decode_latents(result.latents)      # (targets, f, H, W, 3)
+
+1. Invert the source latents: DDIM (the pipeline's cached `invert`) or null-text inversion (cached in
+   the same folder, keyed by video, adapter, steps, prompt, guidance and optimisation settings).
+2. With `p2p`, denoise the source branch together with the targets (batch source + targets) under the
+   controller; without it, denoise the targets only (null-text inversion alone still helps fidelity).
+3. Return the targets' latents, the source branch's latents and the controller with its stored maps
+   (for `save_attention_grid`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..inversion import tensor_hash
+from .controllers import AttentionStore
+from .null_text import NullTextCache, NullTextInversion, null_text_inversion, null_text_key
+from .options import P2PConfig, build_controller
+from .sampling import controlled_sample
+
+
+@dataclass
+class ControlledEdit:
+    """latents: (targets, c, f, h, w); source_latents: (1, c, f, h, w) of the source branch (None without p2p);
+    controller: the controller (None when no control and no recorded maps); prompts: its branches' prompts."""
+
+    latents: torch.Tensor
+    source_latents: torch.Tensor | None
+    controller: AttentionStore | None
+    prompts: list[str]
+
+
+def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, guidance_scale: float,
+                     negative_prompt: str | None = None, num_inner_steps: int = 10, learning_rate: float = 1e-2,
+                     early_stop_epsilon: float = 1e-5, use_cache: bool = True) -> NullTextInversion:
+    """Null-text inversion of clean latents (1, c, f, h, w) on `pipe`'s UNet, starting from the embedding of
+    `negative_prompt` (default ""); cached beside the pipeline's DDIM inversions."""
+    if getattr(pipe, "null_text_cache", None) is None:
+        pipe.null_text_cache = NullTextCache(getattr(pipe.inversion_cache, "directory", None))
+    latents = latents.to(pipe.unet.device, torch.float32)
+    key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), num_inference_steps, prompt, guidance_scale,
+                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}")
+    cached = pipe.null_text_cache.get(key) if use_cache else None
+    if cached is not None:
+        return cached
+    with pipe._autocast():
+        result = null_text_inversion(
+            pipe.unet, pipe._ddim(), latents, pipe.encode_prompt(prompt), pipe.encode_prompt(negative_prompt or ""),
+            num_inference_steps,
+            guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, learning_rate=learning_rate,
+            early_stop_epsilon=early_stop_epsilon, progress=lambda total: pipe._bar("null-text inversion", total),
+        )
+    result = NullTextInversion(result.latents.float(), result.uncond_embeddings.float())
+    if use_cache:
+        pipe.null_text_cache.put(key, result)
+    return result
+
+
+@torch.no_grad()
+def controlled_edit(
+    pipe,
+    latents: torch.Tensor,
+    source_prompt: str,
+    target_prompts: str | Sequence[str],
+    *,
+    p2p: P2PConfig | None = None,
+    null_text: bool = False,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 12.5,
+    negative_prompt: str | None = None,
+    record_attention: bool = False,
+    null_text_inner_steps: int = 10,
+    null_text_learning_rate: float = 1e-2,
+) -> ControlledEdit:
+    """Edit clean source latents (1, c, f, h, w) into each target prompt; see the module docstring."""
+    # 1. Check inputs: a bad P2P option fails here, before any inversion
+    targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+    if latents.ndim != 5 or latents.shape[0] != 1:
+        raise ValueError(f"latents must be one clean source video (1, c, f, h, w), got {tuple(latents.shape)}")
+    controller = None
+    if p2p is not None:
+        controller = build_controller(p2p, pipe.tokenizer, source_prompt, targets, num_inference_steps)
+    prompts = [source_prompt, *targets] if p2p is not None else targets
+    if controller is None and record_attention:
+        controller = AttentionStore(len(prompts))
+    device = pipe.unet.device
+
+    # 2. Invert: null-text (per-step unconditional embeddings) or DDIM with the fixed negative/empty prompt
+    if null_text:
+        inverted = null_text_invert(pipe, latents, source_prompt, num_inference_steps, guidance_scale, negative_prompt,
+                                    null_text_inner_steps, null_text_learning_rate)
+        x_t, uncond = inverted.latents, inverted.uncond_embeddings
+    else:
+        uncond = pipe.encode_prompt(negative_prompt or "")
+        x_t = pipe.invert(latents=latents, prompt=source_prompt, num_inference_steps=num_inference_steps)
+
+    # 3. Denoise all branches together (source first with p2p)
+    x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
+    with pipe._autocast():
+        out = controlled_sample(
+            pipe.unet, pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
+            guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
+            progress=lambda total: pipe._bar("editing", total),
+        )
+    out = out.float()
+    if p2p is not None:
+        return ControlledEdit(out[1:], out[:1], controller, prompts)
+    return ControlledEdit(out, None, controller, prompts)

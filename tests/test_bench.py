@@ -1,0 +1,161 @@
+"""`ei2 bench`: spec checks, statistics, resume without redoing jobs, and 2 CPU processes via accelerate."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ei2.bench.report import mean_ci, t_quantile
+from ei2.bench.spec import load_spec
+from ei2.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = "a red square moving right on a gray background"
+
+
+def _spec(folder: Path, model, video, recipes, seeds, **extra) -> Path:
+    spec = {
+        "name": "tiny", "model": str(model), "metrics": ["flow", "oracle"],
+        "settings": {"frames": 3, "steps": 1, "inference_steps": 2, "guidance_scale": 3.0},
+        "recipes": recipes, "seeds": seeds,
+        "videos": [{"name": "square", "path": str(video), "source_prompt": SOURCE,
+                    "edits": ["a blue square moving right on a gray background",
+                              {"kind": "shape", "prompt": "a red circle moving right on a gray background"}]}],
+        **extra,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "spec.yaml"
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for log in sorted((out / "logs").glob("*.jsonl")) for line in log.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- spec
+def test_spec_jobs_quick_subset_and_edit_kinds(tmp_path, source_video):
+    recipes = ["ei2", "tune-a-video", {"name": "untuned", "recipe": "ei2", "steps": 0}]
+    section = {"recipes": ["ei2", "untuned"], "seeds": [0], "settings": {"steps": 0}}
+    path = _spec(tmp_path, "model", source_video, recipes, [0, 1, 2], quick=section)
+    spec = load_spec(path)
+    assert len(spec.jobs()) == 3 * 3
+    assert [e.kind for e in spec.videos[0].edits] == ["color", "shape"]
+    untuned = [j for j in spec.jobs() if j.recipe.name == "untuned"][0]
+    assert untuned.settings["steps"] == 0 and untuned.recipe.recipe == "ei2"
+    quick = load_spec(path, quick=True)
+    assert quick.name == "tiny-quick" and [j.id for j in quick.jobs()] == ["square--ei2--s0", "square--untuned--s0"]
+    assert quick.settings["steps"] == 0 and spec.settings["steps"] == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"recipe": ["ei2"]}, "unknown key 'recipe' \\(did you mean 'recipes'\\?\\)"),
+    ({"recipes": ["ei3"]}, "unknown recipe 'ei3'"),
+    ({"seeds": ["zero"]}, "'seeds' must be a list of integers"),
+    ({"settings": {"step": 3}}, "did you mean 'steps'"),
+    ({"settings": {"steps": "many"}}, "'steps' must be int"),
+    ({"metrics": ["fid"]}, "'metrics' must be a list of clip, oracle, flow"),
+])
+def test_spec_errors_name_the_key(tmp_path, source_video, change, message):
+    path = _spec(tmp_path, "model", source_video, ["ei2"], [0])
+    data = yaml.safe_load(path.read_text())
+    data.pop("recipes") if "recipe" in change else None
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+def test_spec_video_needs_path_or_shapes(tmp_path, source_video):
+    path = _spec(tmp_path, "model", source_video, ["ei2"], [0])
+    data = yaml.safe_load(path.read_text())
+    data["videos"][0]["shapes"] = {"motion": "right", "color": "red", "shape": "square", "background": "gray"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="either 'path'"):
+        load_spec(path)
+    del data["videos"][0]["path"]
+    data["videos"][0]["shapes"]["motion"] = "sideways"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="motion 'sideways' is not one of"):
+        load_spec(path)
+
+
+def test_shapes_benchmark_spec_is_valid():
+    spec = load_spec(REPO / "benchmarks" / "shapes" / "spec.yaml")
+    assert len(spec.videos) >= 12 and len(spec.seeds) == 3
+    assert len({v.shapes["motion"] for v in spec.videos}) >= 6
+    assert {r.recipe for r in spec.recipes} >= {"ei2", "ei2-after-cross", "tune-a-video", "tune-a-video+stam", "ei2-ta"}
+    assert any(r.overrides.get("steps") == 0 for r in spec.recipes)  # the untuned inflated model
+    for video in spec.videos:
+        assert sorted(e.kind for e in video.edits) == ["background", "color", "shape"]
+    assert len(load_spec(REPO / "benchmarks" / "shapes" / "spec.yaml", quick=True).jobs()) < len(spec.jobs())
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_t_quantile_and_interval():
+    for df, t in ((1, 12.706), (4, 2.776), (10, 2.228), (30, 2.042), (1000, 1.962)):
+        assert t_quantile(df) == pytest.approx(t, abs=4e-3)
+    mean, half, n = mean_ci([1.0, 2.0, 3.0, float("nan")])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 * 1.0 / 3 ** 0.5, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def test_bench_runs_resumes_and_refuses_other_settings(tmp_path, tiny_sd, source_video):
+    from ei2.bench.run import run_bench
+
+    path = _spec(tmp_path, tiny_sd, source_video, ["ei2", {"name": "untuned", "recipe": "ei2", "steps": 0}], [0])
+    out = tmp_path / "out"
+    assert run_bench(load_spec(path), out, device="cpu", threads=1)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 and {r["recipe"] for r in rows} == {"ei2", "untuned"}
+    assert {r["kind"] for r in rows} == {"color", "shape"}
+    assert all(float(r["warp_err"]) >= 0 and 0 <= float(r["acc_background"]) <= 1 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| ei2 | 2 |" in report and "tuned vs untuned" in report
+    html = (out / "report.html").read_text()
+    assert "jobs/square--untuned--s0/edits/01-color.gif" in html
+    assert (out / "jobs/square--ei2--s0/edits/02-shape.gif").is_file()
+    assert (out / "plots" / "warp_err.png").is_file()
+    # the same command again: nothing is redone
+    done = (out / "jobs/square--ei2--s0/job.json").stat().st_mtime_ns
+    assert run_bench(load_spec(path), out, device="cpu", threads=1)
+    assert len([e for e in _events(out) if e["event"] == "start"]) == 2
+    assert (out / "jobs/square--ei2--s0/job.json").stat().st_mtime_ns == done
+    # metrics recomputed from the saved frames, without running the jobs again
+    from ei2.bench.__main__ import main
+
+    assert main([str(path), "--out", str(out), "--rescore", "--metrics", "flow", "--quiet"]) == 0
+    record = json.loads((out / "jobs/square--ei2--s0/job.json").read_text())
+    assert set(record["edits"][0]["metrics"]) == {"warp_err", "warp_err_src"}
+    assert len([e for e in _events(out) if e["event"] == "start"]) == 2
+    # other settings in the same folder are refused, not mixed in
+    changed = _spec(tmp_path / "other", tiny_sd, source_video, ["ei2"], [0])
+    data = yaml.safe_load(changed.read_text())
+    data["settings"]["steps"] = 2
+    changed.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="other settings"):
+        run_bench(load_spec(changed), out, device="cpu", threads=1)
+
+
+def test_bench_with_two_accelerate_processes_runs_each_job_once(tmp_path, tiny_sd, source_video):
+    path = _spec(tmp_path, tiny_sd, source_video, ["ei2", "tune-a-video"], [0, 1])
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "ei2", "bench", str(path), "--out", str(out), "--threads", "1", "--quiet"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = [e for e in _events(out) if e["event"] == "done"]
+    jobs = [j.id for j in load_spec(path).jobs()]
+    assert sorted(e["job"] for e in done) == sorted(jobs)  # every job exactly once
+    assert {e["rank"] for e in done} == {0, 1}  # shared between the two processes
+    assert len({e["pid"] for e in done}) == 2
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(jobs) * 2
