@@ -165,11 +165,12 @@ def test_reweighting_scales_exactly_the_chosen_column(tiny):
 @pytest.mark.parametrize("shape", [(3, 7, 5), (2, 8, 8)])
 def test_local_blend_keeps_latents_outside_the_mask_equal_to_the_source(tiny, shape):
     config = P2PConfig("replace", cross_replace=0.5, self_replace=0.3, blend_words=("red", "big"),
-                       blend_threshold=0.9, blend_start=0.0)  # a random model attends almost uniformly
+                       blend_threshold=0.5, blend_start=0.0)
     out, controller = edit(tiny, video_unet(tiny), config, "a red car", "a big car", shape=shape)
     mask = controller.local_blend.last_mask  # (2, 1, f, h, w)
     assert mask.shape == (2, 1, *shape)
     inside = mask[1].expand_as(out[1]).bool()
+    print(f"{shape}: mask covers {inside.float().mean():.2f} of the target latents")
     assert 0 < inside.float().mean() < 1
     assert torch.equal(out[1][~inside], out[0][~inside])
     assert not torch.allclose(out[1][inside], out[0][inside])

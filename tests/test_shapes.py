@@ -41,7 +41,7 @@ def test_render_is_seeded_and_bounded():
 
 
 def test_oracle_reads_renders():
-    scenes = random_scenes(1500, seed=11)
+    scenes = random_scenes(800, seed=11)
     frames = render(scenes)
     clean = read_frames(frames)
     acc = attribute_accuracy(clean, scenes.color, scenes.shape, scenes.background)

@@ -188,8 +188,14 @@ def _run(args, argv) -> int:
         markdown[1:1] = ["", f"`{command}`"]
     with atomic_path(out / "shift.md") as tmp:
         tmp.write_text("\n".join(markdown))
-    plot_shift(records, out / "shift_by_layer.png", title=f"covariate shift on {Path(args.video).name}")
-    print(f"\nei2: wrote {out / 'shift.csv'}, {out / 'shift.md'}, {out / 'shift_by_layer.png'}", file=sys.stderr)
+    written = [out / "shift.csv", out / "shift.md"]
+    try:
+        plot_shift(records, out / "shift_by_layer.png", title=f"covariate shift on {Path(args.video).name}")
+        written.append(out / "shift_by_layer.png")
+    except ImportError:
+        print("ei2: matplotlib is not installed, so no plot was drawn; `pip install matplotlib` for "
+              "shift_by_layer.png", file=sys.stderr)
+    print(f"\nei2: wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,78 @@
+"""`ei2 demo`: the one-command first run. Edits a bundled Shapes video with the bundled Shapes model.
+
+    ei2 demo            # "a red circle moving right ..." -> "a blue square moving right ...", CPU, ~1–3 min
+
+It is `ei2 edit` with the bundled sample and prompts filled in; the run folder, outputs and errors are
+those of `ei2 edit`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SAMPLE = "red_circle_right"
+TARGET = "a blue square moving right on a gray background"
+
+
+def samples_dir() -> Path:
+    from .pipeline import default_model_path
+
+    return default_model_path().parent / "samples"
+
+
+def add_parser(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="edit a bundled sample video with the bundled Shapes model (the first thing to run)",
+        description="Edit the bundled video 'a red circle moving right on a gray background' into "
+                    f"'{TARGET}' with the bundled Shapes model, on the CPU in a few minutes.",
+    )
+    demo.add_argument("--sample", default=SAMPLE, help="name of a bundled sample (assets/samples/index.json)")
+    demo.add_argument("--target-prompt", action="append", help=f"edit prompt (default: {TARGET!r}); repeatable")
+    demo.add_argument("--recipe", default="ei2")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--out", help="run folder (default: a new folder under ./outputs/)")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=run_demo)
+
+
+def demo_edit_argv(args) -> list[str]:
+    from .errors import ConfigError
+
+    index_path = samples_dir() / "index.json"
+    if not index_path.is_file():
+        raise ConfigError(f"the bundled samples are missing ({index_path}); reinstall ei2 from its repository")
+    index = json.loads(index_path.read_text())
+    if args.sample not in index:
+        raise ConfigError(f"no bundled sample {args.sample!r}; choose one of: {', '.join(sorted(index))}")
+    sample = index[args.sample]
+    argv = ["edit", str(samples_dir() / sample["video"]), "--source-prompt", sample["caption"],
+            "--recipe", args.recipe, "--seed", str(args.seed), "--device", args.device,
+            "--frames", str(sample["frames"])]
+    for prompt in args.target_prompt or [TARGET]:
+        argv += ["--target-prompt", prompt]
+    if args.out:
+        argv += ["--out", args.out]
+    argv += ["--overwrite"] * args.overwrite + ["--quiet"] * args.quiet
+    return argv
+
+
+def run_demo(args, argv) -> int:
+    import datetime
+
+    from .cli import build_parser
+
+    if not args.out:
+        args.out = str(Path("outputs") / datetime.datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
+    edit_argv = demo_edit_argv(args)
+    edit_args = build_parser().parse_args(edit_argv)
+    code = edit_args.handler(edit_args, edit_argv)
+    if code == 0:
+        out = Path(args.out)
+        print(f"ei2 demo: edited video in {out}/edits/, side by side in {out}/grid.gif and {out}/grid.mp4")
+        for path in sorted(out.rglob("*")):
+            if path.suffix in (".gif", ".mp4"):
+                print(f"  {path}")
+    return code
