@@ -210,3 +210,5 @@ def test_training_runs_resumes_and_exports(tmp_path):
     assert json.loads((tmp_path / "work" / "vae" / "final.json").read_text())["step"] == 3
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "assets" / "shapes-sd"), safety_checker=None)
     assert pipe.unet.config.sample_size == 16
+    latent_std = json.loads((tmp_path / "work" / "vae" / "final.json").read_text())["latent_std"]
+    assert pipe.vae.config.scaling_factor == pytest.approx(1 / latent_std)

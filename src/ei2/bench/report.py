@@ -177,10 +177,10 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
     out = [
         f"# Benchmark `{spec.name}`",
         "",
-        f"{len(spec.videos)} videos × {len(recipes)} recipes × {len(spec.seeds)} seeds = {timing['jobs']} jobs, "
-        f"{len(rows)} edits. Settings: {s['frames']} frames, {s['steps']} tuning steps (lr {s['lr']:g}), "
+        f"{len(spec.videos)} videos × {len(recipes)} recipes × {len(spec.seeds)} seeds = {len(spec.jobs())} jobs "
+        f"(one tuning and {len(spec.videos[0].edits)} edits each). Settings: {s['frames']} frames, {s['steps']} tuning steps (lr {s['lr']:g}), "
         f"{s['inference_steps']} DDIM steps, guidance {s['guidance_scale']:g}. "
-        f"Compute {timing['compute_s'] / 60:.1f} min in jobs; wall {timing['wall_s'] / 60:.1f} min on "
+        f"Compute {timing['compute_s'] / 60:.1f} min in {timing['jobs']} finished jobs; wall {timing['wall_s'] / 60:.1f} min on "
         f"{timing['processes']} process(es).",
         "",
         "Mean ± 95% interval over edits (videos × edits × seeds). ↑ higher is better, ↓ lower is better.",

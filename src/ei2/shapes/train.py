@@ -235,16 +235,15 @@ class Stage:
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
                 log.write(json.dumps({"step": step, "loss": value, "lr": lr, "seconds": round(time.time() - t0, 1)}) + "\n")
                 log.flush()
-            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
-            if time.time() - last_ckpt > 60 * ckpt_minutes or out_of_time:
+            if time.time() - last_ckpt > 60 * ckpt_minutes:
                 self.save(done)
                 last_ckpt = time.time()
-            if out_of_time:
+            if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                 print(f"[{self.name}] --max-minutes {max_minutes} reached at step {done}", flush=True)
                 break
         bar.close()
         log.close()
-        self.save(done)
+        self.save(done)  # the checkpoint to --resume from
         self.save_final(done)
 
     def save(self, step: int) -> None:
@@ -338,7 +337,10 @@ class VaeStage(Stage):
         std = torch.cat(zs).std().item()
         self.model.register_to_config(scaling_factor=1.0 / std)
         self.model.train()
-        return {"vae_config": dict(self.model.config), "latent_std": std}
+        # without "_use_default_values" (which lists scaling_factor, unset at construction),
+        # from_config would drop the value just set and fall back to SD's 0.18215
+        config = {k: v for k, v in self.model.config.items() if k != "_use_default_values"}
+        return {"vae_config": config, "latent_std": std}
 
 
 def _find_part(stage: str) -> Path:
