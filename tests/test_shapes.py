@@ -208,6 +208,7 @@ def test_training_runs_resumes_and_exports(tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "work" / "vae" / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logs][-1] == 2  # resumed at step 2, logged the last step
     assert json.loads((tmp_path / "work" / "vae" / "final.json").read_text())["step"] == 3
+    assert train.main(["export", *common]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "assets" / "shapes-sd"), safety_checker=None)
     assert pipe.unet.config.sample_size == 16
     latent_std = json.loads((tmp_path / "work" / "vae" / "final.json").read_text())["latent_std"]

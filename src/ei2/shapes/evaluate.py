@@ -28,6 +28,15 @@ from .world import (
 )
 
 REPO = Path(__file__).resolve().parents[3]
+# The shipped weights' one deviation from the training code as it now stands (written into the card
+# when the model evaluated has that scaling factor).
+SCALE_NOTE = """- The shipped VAE's `scaling_factor` is Stable Diffusion's 0.18215, not 1/std of its latents
+  (0.93): the VAE run stored 1/std in its config, but reloading that config dropped it (diffusers'
+  `_use_default_values` listed the key), so the UNet was trained, and must be sampled, on latents
+  scaled by 0.18215 (std about 0.2 instead of 1). The model is self-consistent and meets every bar
+  above; `train.py` now keeps 1/std, so a retrain from scratch (VAE and UNet) ships 1/std, and this
+  VAE must not be paired with a UNet trained at the other scale.
+"""
 BARS = {"vae_psnr": 30.0, "clip": 0.95, "t2i_color": 0.95, "t2i_shape": 0.90, "t2i_background": 0.95}
 
 
@@ -47,6 +56,14 @@ def vae_psnr(vae, n: int = 1000, seed: int = 1, batch: int = 100) -> float:
         mse = ((rec - b.astype(np.float32)) ** 2).reshape(len(b), -1).mean(1)
         psnrs.append(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
     return float(np.concatenate(psnrs).mean())
+
+
+@torch.no_grad()
+def latent_std(vae, n: int = 500, seed: int = 1) -> float:
+    """Standard deviation of posterior samples of held-out renders' latents (before scaling_factor)."""
+    x = _pixels(render(random_scenes(n, seed=seed))).to(vae.device, vae.dtype)
+    gen = torch.Generator(vae.device).manual_seed(0)
+    return float(torch.cat([vae.encode(b).latent_dist.sample(gen).float() for b in x.split(100)]).std())
 
 
 @torch.no_grad()
@@ -125,7 +142,14 @@ def write_model_card(results: dict, path: Path) -> None:
         t = train.get(stage, {})
         return f"{t.get('step', '?')} steps" if t else "?"
 
+    notes = r.get("notes", "")
     ok = {k: ("yes" if v else "**no**") for k, v in r["passes"].items()}
+    sf, std = r["scaling_factor"], r["latent_std"]
+    if abs(sf * std - 1) < 0.1:
+        scale_note = f"scaling_factor {sf:.4f} (1/std of latents)"
+    else:
+        scale_note = (f"scaling_factor {sf:.5g} (latents' std is {std:.3f}, so scaled latents have std {sf * std:.2f}; "
+                      "see Notes)")
     m = r.get("t2i_motion") or {}
     motion_row = (f'| text→image colour / shape / background, {m["n"]} captions with a motion phrase | '
                   f'{_pct(m["color"])} / {_pct(m["shape"])} / {_pct(m["background"])} | | |\n') if m else ""
@@ -155,7 +179,7 @@ image = pipe("a red circle on a gray background", num_inference_steps=50, guidan
 | --- | --- | --- |
 | tokenizer | `CLIPTokenizer` (every caption word one token; max length 32) | {r["sizes"]["tokenizer"]} |
 | text_encoder | `CLIPTextModel`, 3 layers, width 64 (the text tower of shapes-clip, frozen during UNet training) | {r["sizes"]["text_encoder"]} |
-| vae | `AutoencoderKL`, 4 latent channels, 64→16, channels 32/64/64, scaling_factor {r["scaling_factor"]:.4f} (1/std of latents) | {r["sizes"]["vae"]} |
+| vae | `AutoencoderKL`, 4 latent channels, 64→16, channels 32/64/64, {scale_note} | {r["sizes"]["vae"]} |
 | unet | `UNet2DConditionModel`, CrossAttnDown×2 + Down / Up + CrossAttnUp×2, channels 32/64/64, {r["unet_params"] / 1e6:.2f} M parameters, EMA 0.999 weights | {r["sizes"]["unet"]} |
 | scheduler | `DDIMScheduler`, SD 1.x schedule: scaled_linear β 0.00085–0.012, 1000 steps, epsilon | |
 | whole folder | safetensors only | {r["sizes"]["total"]} |
@@ -198,6 +222,8 @@ python -m ei2.shapes.evaluate         # the numbers above; writes this card
 On a 2-core CPU, `python -m ei2.shapes.train all` (the default step counts: CLIP 3k, VAE 4k, UNet 15k
 steps) takes a few hours; add `--resume` to continue from `work_shapes/<stage>/checkpoint.safetensors`.
 
+## Notes
+{notes}
 ## Limits
 One shape per image, no position or size in the captions, 64×64 only. It is a test and demo model,
 not a general text-to-image model.
@@ -226,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--card", help="model card to write (default: MODEL_CARD.md in --model)")
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--notes", help="text of the card's Notes section (default: automatic)")
     parser.add_argument("--work", default="work_shapes", help="training folder, for the step counts in the card")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -261,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     results["sizes"] = {k: _size(model / k) for k in ("tokenizer", "text_encoder", "vae", "unet")}
     results["sizes"]["total"] = _size(model)
     results["scaling_factor"] = float(pipe.vae.config.scaling_factor)
+    results["latent_std"] = latent_std(pipe.vae)
     results["unet_params"] = sum(p.numel() for p in pipe.unet.parameters())
     work = Path(args.work)
     results["training"] = {s: json.loads((work / s / "final.json").read_text()) for s in ("clip", "vae", "unet")
                            if (work / s / "final.json").exists()}
     results["training"] = {s: {"step": v["step"]} for s, v in results["training"].items()}
+    sd_scale = abs(results["scaling_factor"] - 0.18215) < 1e-6 and abs(results["scaling_factor"] * results["latent_std"] - 1) > 0.1
+    results["notes"] = args.notes if args.notes is not None else SCALE_NOTE if sd_scale else "None.\n"
     results["date"] = time.strftime("%Y-%m-%d")
     results["machine"] = (torch.cuda.get_device_name() if args.device == "cuda" else
                           f"{platform.machine()} CPU, {args.threads} threads") + f", torch {torch.__version__}"
