@@ -285,3 +285,63 @@ def test_controlled_edit_on_the_pipeline_caches_null_text_and_saves_attention(ti
     assert path.is_file()
     with pytest.raises(P2PError, match="same number of tokens"):
         controlled_edit(pipe, latents, "a red square", ["a blue square"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the command
+@pytest.fixture
+def _isolated_cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+
+
+CLI_FAST = ["--frames", "3", "--steps", "0", "--inference-steps", "3", "--quiet"]
+
+
+def p2p_args(tiny_sd, source_video, out, target="a tan square", *extra):
+    return ["edit", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square",
+            "--target-prompt", target, "--out", str(out), *CLI_FAST, *extra]
+
+
+def test_cli_p2p_edit_with_local_blend_null_text_and_attention_grid(tiny_sd, source_video, tmp_path, _isolated_cli):
+    from ei2.cli import main
+
+    out = tmp_path / "run"
+    assert main(p2p_args(tiny_sd, source_video, out, "a tan square", "--p2p", "replace", "--cross-replace", "0.8",
+                         "tan=0.4", "--self-replace", "0.5", "--blend-words", "red", "tan", "--null-text",
+                         "--save-attention", "square")) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["p2p"]["mode"] == "replace" and run["p2p"]["cross_replace"] == {"default": 0.8, "tan": 0.4}
+    assert run["p2p"]["blend_words"] == ["red", "tan"] and run["inversion"]["null_text"] is True
+    edit_entry = run["outputs"]["edits"][0]
+    assert edit_entry["attention"] == "edits/01-a-tan-square.attention-square.png"
+    assert (out / edit_entry["attention"]).is_file() and (out / edit_entry["mp4"]).is_file()
+    assert list((tmp_path / "cache").rglob("*.nulltext.safetensors"))
+
+    (tmp_path / "p2p.yaml").write_text(
+        "p2p: reweight\nreweight: {square: 2}\ncross_replace: 0.6\nblend_words: square\nblend_threshold: 0.5\n")
+    again = tmp_path / "yaml"
+    assert main(p2p_args(tiny_sd, source_video, again, "a red square", "--config", str(tmp_path / "p2p.yaml"))) == 0
+    run = json.loads((again / "run.json").read_text())
+    assert run["p2p"]["reweight"] == {"square": 2.0} and run["p2p"]["cross_replace"] == 0.6
+
+
+@pytest.mark.parametrize("extra, target, message", [
+    (["--p2p", "replace"], "a blue square", "same number of tokens"),
+    (["--p2p", "replace", "--blend-words", "dog"], "a tan square", "'dog' is in neither prompt"),
+    (["--p2p", "reweight", "--reweight", "blue=2"], "a tan square", "'blue' is not in the prompt 'a tan square'"),
+    (["--p2p", "replace", "--cross-replace", "1.5"], "a tan square", "in [0, 1]"),
+    (["--p2p", "replace", "--self-replace", "-0.2"], "a tan square", "in [0, 1]"),
+    (["--blend-words", "red"], "a tan square", "--blend-words need --p2p"),
+    (["--p2p", "refine", "--reweight", "tan=2"], "a tan square", "--reweight is used with --p2p reweight"),
+    (["--save-attention", "dog"], "a tan square", "--save-attention word 'dog'"),
+])
+def test_cli_bad_p2p_input_is_one_message_exit_2_nothing_written(extra, target, message, tiny_sd, source_video,
+                                                                 tmp_path, capsys, _isolated_cli):
+    from ei2.cli import main
+
+    capsys.readouterr()
+    assert main(p2p_args(tiny_sd, source_video, tmp_path / "outputs" / "run", target, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ei2: error: ") and message in err[0], err
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()

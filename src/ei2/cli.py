@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -114,6 +115,7 @@ def _validate(s: cfg.Settings, command: str) -> None:
             raise ConfigError(f"--inference-steps must be at least 1, got {s.inference_steps}")
         if s.fps is not None and s.fps <= 0:
             raise ConfigError(f"--fps must be positive, got {s.fps}")
+        _p2p_config(s)  # fractions, thresholds, option combinations: before anything is loaded
         if s.adapter and s.resume:
             raise ConfigError("--resume continues a tuning; with --adapter there is no tuning to resume")
     for name in ("width", "height"):
@@ -347,6 +349,7 @@ def run_edit(args, argv) -> int:
     timings: dict = {}
     pipe, video, size = _prepare(s, cfg.EDIT, timings)
     record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
+    p2p = _check_control(s, pipe)
     fps = s.fps or video.fps
     with Staging(final, s.resume) as staging:
         out = staging.path
@@ -365,23 +368,31 @@ def run_edit(args, argv) -> int:
 
         t = time.perf_counter()
         cached = pipe.inversion_cache.get(_inversion_key(pipe, latents, s)) is not None
-        inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps)
+        if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
+            inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps)
         timings["invert_s"] = round(time.perf_counter() - t, 3)
-        record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached}
+        record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
+                               "null_text": s.null_text}
+        if p2p is not None:
+            record["p2p"] = dataclasses.asdict(p2p)
 
         edits, edited, timings["edit_s"] = [], [], []
         (out / "edits").mkdir()
         for i, prompt in enumerate(s.target_prompt, 1):
             t = time.perf_counter()
             _say(s, f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
-            result = pipe(prompt, latents=inverted, negative_prompt=s.negative_prompt,
-                          num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale)
-            frames = result.frames[0]
-            timings["edit_s"].append(round(time.perf_counter() - t, 3))
             stem = f"{i:02d}-{_slug(prompt)}"
+            if p2p is not None or s.null_text or s.save_attention:
+                frames, extra = _controlled_edit(s, pipe, latents, prompt, p2p, out / "edits" / stem)
+            else:
+                extra = {}
+                result = pipe(prompt, latents=inverted, negative_prompt=s.negative_prompt,
+                              num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale)
+                frames = result.frames[0]
+            timings["edit_s"].append(round(time.perf_counter() - t, 3))
             write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
             write_gif(frames, out / "edits" / f"{stem}.gif", fps)
-            edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif"})
+            edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
             edited.append(frames)
 
         t = time.perf_counter()
@@ -399,6 +410,53 @@ def run_edit(args, argv) -> int:
         staging.commit()
     _say(s, f"wrote {len(edits)} edit(s) to {final}")
     return 0
+
+
+def _p2p_config(s: cfg.Settings):
+    """The Prompt-to-Prompt options given, as a `P2PConfig` (None without --p2p); bad values are a ConfigError."""
+    from .control import P2PConfig, parse_cross_replace, parse_reweight
+
+    given = {"cross_replace": parse_cross_replace(s.cross_replace) if s.cross_replace else None,
+             "self_replace": s.self_replace, "reweight": parse_reweight(s.reweight) if s.reweight else None,
+             "blend_words": tuple(s.blend_words) or None, "blend_threshold": s.blend_threshold}
+    given = {k: v for k, v in given.items() if v is not None}
+    if s.p2p is None:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags} need --p2p replace, refine or reweight")
+        return None
+    return P2PConfig(s.p2p, **given)
+
+
+def _check_control(s: cfg.Settings, pipe):
+    """Check the P2P words against the prompts and tokenizer before anything is written."""
+    from .control import build_controller, word_token_indices
+    from .control.words import P2PError
+
+    p2p = _p2p_config(s)
+    if p2p is not None:
+        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, s.inference_steps)
+    if s.save_attention and not any(word_token_indices(pipe.tokenizer, p, s.save_attention)
+                                    for p in [s.source_prompt, *s.target_prompt]):
+        raise P2PError(f"--save-attention word {s.save_attention!r} is in no prompt; use a word of the source "
+                       "or a target prompt")
+    return p2p
+
+
+def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, stem: Path):
+    """One edit with attention control and/or null-text inversion -> (frames, run.json entries);
+    the attention grid of --save-attention is written beside the edit."""
+    from .control import controlled_edit, save_attention_grid, word_token_indices
+
+    result = controlled_edit(pipe, latents, s.source_prompt, [prompt], p2p=p2p, null_text=s.null_text,
+                             num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale,
+                             negative_prompt=s.negative_prompt, record_attention=bool(s.save_attention))
+    extra = {}
+    if s.save_attention and any(word_token_indices(pipe.tokenizer, p, s.save_attention) for p in result.prompts):
+        path = stem.with_name(f"{stem.name}.attention-{_slug(s.save_attention)}.png")
+        save_attention_grid(result.controller, pipe.tokenizer, result.prompts, s.save_attention, path)
+        extra["attention"] = f"edits/{path.name}"
+    return pipe.decode_latents(result.latents)[0], extra
 
 
 def _inversion_key(pipe, latents, s) -> str:

@@ -14,15 +14,20 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .control.options import MODES as P2P_MODES, P2PConfig
 from .errors import ConfigError
 
 EDIT, TUNE = "edit", "tune"
 BOTH = (EDIT, TUNE)
 
 
-def option(default, help: str, commands=BOTH, choices=None, metavar=None, path=False, repeat=False):
-    """A `Settings` field: its default, help text, the commands that take it and how to parse it."""
-    meta = {"help": help, "commands": commands, "choices": choices, "metavar": metavar, "path": path, "repeat": repeat}
+def option(default, help: str, commands=BOTH, choices=None, metavar=None, path=False, repeat=False, nargs=False):
+    """A `Settings` field: its default, help text, the commands that take it and how to parse it.
+
+    `nargs`: a list given as `--flag A B ...` (YAML: a value, a list, or a mapping read as KEY=VALUE items).
+    """
+    meta = {"help": help, "commands": commands, "choices": choices, "metavar": metavar, "path": path, "repeat": repeat,
+            "nargs": nargs}
     if isinstance(default, list):
         return field(default_factory=list, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,6 +57,25 @@ class Settings:
     inference_steps: int = option(50, "DDIM steps of inversion and editing", commands=(EDIT,))
     guidance_scale: float = option(12.5, "classifier-free guidance scale", commands=(EDIT,))
     negative_prompt: str | None = option(None, "negative prompt for classifier-free guidance", commands=(EDIT,))
+    p2p: str | None = option(None, "Prompt-to-Prompt attention control: replace (word swap), refine (added words) "
+                                   "or reweight (--reweight)", commands=(EDIT,), choices=P2P_MODES)
+    cross_replace: list[str] = option([], "fraction of the steps that use the source's cross-attention maps: a "
+                                          f"number and/or WORD=FRACTION (default: {P2PConfig.cross_replace})",
+                                      commands=(EDIT,), nargs=True, metavar="FRACTION")
+    self_replace: float | None = option(None, "fraction of the steps that use the source's frame-attention maps "
+                                              f"(default: {P2PConfig.self_replace})", commands=(EDIT,),
+                                        metavar="FRACTION")
+    reweight: list[str] = option([], "scale the cross-attention of target-prompt words (--p2p reweight)",
+                                 commands=(EDIT,), nargs=True, metavar="WORD=FACTOR")
+    blend_words: list[str] = option([], "local blend: edit only where these words (of the source or target prompt) "
+                                        "attend", commands=(EDIT,), nargs=True, metavar="WORD")
+    blend_threshold: float | None = option(None, "local-blend mask threshold in [0, 1] "
+                                                 f"(default: {P2PConfig.blend_threshold})", commands=(EDIT,),
+                                           metavar="THRESHOLD")
+    null_text: bool = option(False, "null-text inversion before editing: faithful reconstruction, slower",
+                             commands=(EDIT,))
+    save_attention: str | None = option(None, "save the cross-attention maps of WORD per frame as an image grid",
+                                        commands=(EDIT,), metavar="WORD")
     fps: float | None = option(None, "frame rate of the outputs (default: the source's / stride)", commands=(EDIT,))
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
@@ -136,6 +160,11 @@ def load_yaml(path: str | os.PathLike, command: str) -> dict:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {raw_key!r}{hint}; known keys: {', '.join(sorted(known))}")
         f = known[key]
+        if f.metadata["nargs"]:  # `0.8`, `[0.8, panda=0.3]` or `{panda: 0.3}` -> ["0.8", "panda=0.3"]
+            if isinstance(value, dict):
+                value = [f"{k}={v}" for k, v in value.items()]
+            items = value if isinstance(value, list) else [value]
+            value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in items]
         value = _check_type(str(raw_key), value, _base_type(f), str(path))
         if f.metadata["choices"] and value not in f.metadata["choices"]:
             raise ConfigError(f"{path}: {raw_key!r} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
@@ -167,6 +196,8 @@ def add_arguments(parser, command: str) -> None:
             else:
                 kwargs["action"] = "store_const"
                 kwargs["const"] = True
+        elif kind is list and f.metadata["nargs"]:
+            kwargs.update(nargs="+", metavar=f.metadata["metavar"] or "TEXT")
         elif kind is list:
             kwargs.update(action="append", metavar="TEXT")
         else:

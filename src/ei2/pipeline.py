@@ -436,7 +436,20 @@ class EI2Pipeline(DiffusionPipeline):
             return (frames_out, latents)
         return EI2PipelineOutput(frames=frames_out, latents=latents)
 
-    def edit(self, frames: np.ndarray, source_prompt: str, target_prompt: str | list[str], **kwargs) -> EI2PipelineOutput:
-        """Invert the source video (cached) and sample it again under `target_prompt`; see `__call__`."""
+    def edit(self, frames: np.ndarray, source_prompt: str, target_prompt: str | list[str], *, p2p=None,
+             null_text: bool = False, **kwargs) -> EI2PipelineOutput:
+        """Invert the source video (cached) and sample it again under `target_prompt`; see `__call__`.
+
+        `p2p` (an `ei2.control.P2PConfig`): Prompt-to-Prompt attention control, the source branch denoised
+        along; `null_text`: null-text inversion instead of DDIM inversion (DESIGN §1.8). With either, the
+        keyword arguments are those of `ei2.control.controlled_edit`.
+        """
         self._check_prompt(source_prompt, "source_prompt")
-        return self(target_prompt, frames, source_prompt, **kwargs)
+        if p2p is None and not null_text:
+            return self(target_prompt, frames, source_prompt, **kwargs)
+        from .control.edit import controlled_edit
+
+        self._check_prompt(target_prompt, "target_prompt")
+        result = controlled_edit(self, self.encode_frames(frames), source_prompt, target_prompt, p2p=p2p,
+                                 null_text=null_text, **kwargs)
+        return EI2PipelineOutput(frames=self.decode_latents(result.latents), latents=result.latents)
