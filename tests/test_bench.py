@@ -128,9 +128,9 @@ def test_bench_runs_resumes_and_refuses_other_settings(tmp_path, tiny_sd, source
     assert len([e for e in _events(out) if e["event"] == "start"]) == 2
     assert (out / "jobs/square--ei2--s0/job.json").stat().st_mtime_ns == done
     # metrics recomputed from the saved frames, without running the jobs again
-    from ei2.bench.__main__ import main
+    from ei2.cli import main
 
-    assert main([str(path), "--out", str(out), "--rescore", "--metrics", "flow", "--quiet"]) == 0
+    assert main(["bench", str(path), "--out", str(out), "--rescore", "--metrics", "flow", "--quiet"]) == 0
     record = json.loads((out / "jobs/square--ei2--s0/job.json").read_text())
     assert set(record["edits"][0]["metrics"]) == {"warp_err", "warp_err_src"}
     assert len([e for e in _events(out) if e["event"] == "start"]) == 2

@@ -178,13 +178,13 @@ def _write_run(folder, edits: dict[str, np.ndarray], source: np.ndarray):
 
 
 def test_eval_adds_metrics_to_run_json(tmp_path, tiny_clip, capsys):
-    from ei2.metrics.evaluate import main
+    from ei2.cli import main
 
     red = render(_scenes())
     blue = render(_scenes(color="blue"))
     _write_run(tmp_path / "run", {"a blue circle moving right on a gray background": blue,
                                   "a red square moving right on a gray background": red}, red)
-    assert main([str(tmp_path / "run"), "--clip-model", str(tiny_clip)]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--clip-model", str(tiny_clip)]) == 0
     printed = capsys.readouterr().out
     assert "Tex-Ali" in printed and "EditAcc" in printed and "mean" in printed
     record = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -198,7 +198,7 @@ def test_eval_adds_metrics_to_run_json(tmp_path, tiny_clip, capsys):
 
 
 def test_eval_of_a_folder_without_run_json_is_one_clear_error(tmp_path, capsys):
-    from ei2.metrics.evaluate import main
+    from ei2.cli import main
 
-    assert main([str(tmp_path), "--metrics", "flow"]) == 2
+    assert main(["eval", str(tmp_path), "--metrics", "flow"]) == 2
     assert "not an ei2 run folder" in capsys.readouterr().err

@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--config", metavar="YAML", help="read options from a YAML file (flags override it)")
     cfg.add_arguments(tune, cfg.TUNE)
     tune.set_defaults(handler=run_tune)
-    from . import demo
+    from . import bench, demo
     from .metrics import shift_cli
 
     demo.add_parser(commands)
     shift_cli.add_parser(commands)
+    bench.add_parsers(commands)  # ei2 bench, ei2 eval
     return parser
 
 
