@@ -61,7 +61,6 @@ def make_step(model, video: bool, f: int, device, size: int):
     target = torch.randn_like(x)
     if video:
         params = model.set_trainable()
-        model.enable_gradient_checkpointing() if False else None
     else:
         model.requires_grad_(False)
         params = [p for n, p in model.named_parameters() if n.endswith(("attn1.to_q.weight", "attn2.to_q.weight"))]

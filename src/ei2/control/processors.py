@@ -80,10 +80,11 @@ class ControlledFrameAttention:
         if encoder_hidden_states is not None:
             raise ValueError("frame attention is self-attention; it takes no encoder_hidden_states")
         frame_context = getattr(self.original, "frame_context", None)  # None: per-frame self-attention
-        keys_values = frame_context(hidden_states) if frame_context is not None else hidden_states  # (b f) m c
         q = _heads(attn, attn.to_q(hidden_states))
-        k = _heads(attn, attn.to_k(keys_values))
-        v = _heads(attn, attn.to_v(keys_values))
+        k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if frame_context is not None:  # gathered after projection, as the frame-attention processors do
+            k, v = frame_context(torch.cat([k, v], dim=-1)).chunk(2, -1)  # (b f) m c
+        k, v = _heads(attn, k), _heads(attn, v)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
         if self.controller.replaces_self(self.place):

@@ -1,14 +1,16 @@
 """Frame attention: what replaces the self-attention (SA) of each transformer block (DESIGN §1.3, §1.5).
 
 Each processor keeps the pretrained W_q, W_k, W_v, W_out of SA and only changes which tokens a
-frame's queries attend to. The keys/values of frame i are gathered into a per-frame context
-`(b f) m c` and handed to diffusers' own SDPA processor as `encoder_hidden_states`, so the
-attention arithmetic itself is diffusers'.
+frame's queries attend to. Every token is projected once (Q, K, V of all frames, as SA does); each
+frame's keys/values are then gathered from the projected K and V into a per-frame context
+`(b f) m c` by `frame_context`, and attention is PyTorch SDPA, as in diffusers' AttnProcessor2_0.
+Gathering after the projection is exact (average pooling and a linear map commute, the pooling
+weights summing to 1) and avoids projecting each coarse token f-1 times.
 
 - `SparseCausalAttention` (Tune-A-Video): frame i attends to frames 0 and i-1 (frame 0 to itself).
 - `FineCoarseFrameAttention` (FFAM, EI²): frame i attends to all of its own tokens ("fine") and to
   every other frame average-pooled by `coarse_factor` on the spatial grid ("coarse", ceil mode).
-  Pooling is done on hidden states, before W_k/W_v: projection and average pooling commute.
+  Pooling is done on the projected keys/values: projection and average pooling commute.
   Scores per frame: hw * (hw + (f-1) * ceil(h/s) * ceil(w/s)).
 - `FullFrameAttention`: frame i attends to all tokens of all frames.
 With f = 1 each of them is exactly SA.
@@ -32,13 +34,27 @@ class FrameAttentionProcessor:
         self.attention = AttnProcessor2_0()
 
     def frame_context(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c -> (b f) m c
+        """Frame i's key/value tokens, gathered (and pooled) from the tokens of the clip; linear in its input."""
         raise NotImplementedError
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{type(self).__name__} is a self-attention processor; it takes no encoder states or mask")
-        keys_values = self.frame_context(hidden_states)
-        return self.attention(attn, hidden_states, encoder_hidden_states=keys_values, temb=temb)
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            # not an SD transformer block's attn1: gather hidden states, let diffusers project them
+            return self.attention(attn, hidden_states, encoder_hidden_states=self.frame_context(hidden_states), temb=temb)
+        q = attn.to_q(hidden_states)
+        k, v = self.frame_context(torch.cat([attn.to_k(hidden_states), attn.to_v(hidden_states)], dim=-1)).chunk(2, -1)
+        q, k, v = (rearrange(t, "bf n (h d) -> bf h n d", h=attn.heads) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = attn.to_out[1](attn.to_out[0](rearrange(out, "bf h n d -> bf n (h d)").to(q.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 class SparseCausalAttention(FrameAttentionProcessor):
