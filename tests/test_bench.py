@@ -159,3 +159,31 @@ def test_bench_with_two_accelerate_processes_runs_each_job_once(tmp_path, tiny_s
     assert len({e["pid"] for e in done}) == 2
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(jobs) * 2
+
+
+# ---------------------------------------------------------------------------------------------- smoke test
+
+
+@pytest.mark.skipif(not (REPO / "assets" / "shapes-sd" / "model_index.json").is_file(),
+                    reason="the bundled Shapes model is not in this checkout")
+def test_shapes_benchmark_quick_subset_runs_end_to_end(tmp_path, capsys):
+    """The committed Shapes spec, `--quick` (2 videos x 3 recipes x 1 seed, ~2 min on 2 cores), as a user runs it."""
+    from ei2.cli import main
+
+    spec_path = REPO / "benchmarks" / "shapes" / "spec.yaml"
+    quick = load_spec(spec_path, quick=True)
+    out = tmp_path / "quick"
+    assert main(["bench", str(spec_path), "--quick", "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    edits = sum(len(v.edits) for v in quick.videos) * len(quick.recipes) * len(quick.seeds)
+    assert len(rows) == edits == len(quick.jobs()) * 3
+    assert {r["recipe"] for r in rows} == {r.name for r in quick.recipes}
+    for row in rows:  # every metric family was computed, with values in range
+        assert 0 <= float(row["edit_acc"]) <= 1 and 0 <= float(row["flicker"]) <= 1
+        assert -100 <= float(row["tex_ali"]) <= 100 and float(row["warp_err"]) >= 0 and float(row["centre_err"]) >= 0
+    # a colour edit is the easiest: the Shapes model gets the asked colour in most frames with every recipe
+    colour = [float(r["acc_color"]) for r in rows if r["kind"] == "color"]
+    assert sum(colour) / len(colour) >= 0.75, colour
+    report = (out / "report.md").read_text()
+    assert all(f"| {r.name} |" in report for r in quick.recipes)
+    assert (out / "report.html").is_file()

@@ -345,3 +345,49 @@ def test_cli_bad_p2p_input_is_one_message_exit_2_nothing_written(extra, target, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ei2: error: ") and message in err[0], err
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------- Shapes model
+LATENT_SCALE_DEFECT = (
+    "known defect (issues 4 and 7 stay open): the bundled Shapes UNet was trained on latents scaled by SD's 0.18215 "
+    "(std ~0.2, see assets/shapes-sd/MODEL_CARD.md), so the inverted noise carries too little of the source: the "
+    "edited object is redrawn near the centre, and some frames collapse, with or without attention control. "
+    "Retraining the UNet at scaling_factor 1/std (train.py already does) is the fix."
+)
+
+
+@pytest.mark.xfail(reason=LATENT_SCALE_DEFECT, strict=False)
+def test_shapes_colour_swap_with_p2p_and_local_blend_keeps_the_background(tmp_path, _isolated_cli):
+    """`ei2 edit --p2p replace --blend-words circle` on the bundled Shapes sample: red -> blue, background kept.
+
+    Asserted: the oracle reads blue in >= 7 of 8 frames, the object stays within 4 px of the source's centre,
+    and pixels away from both objects differ from the source's by <= 10/255 on average in every frame.
+    """
+    import numpy as np
+
+    from ei2.cli import main
+    from ei2.demo import samples_dir
+    from ei2.pipeline import default_model_path
+    from ei2.shapes.oracle import read_frames
+    from ei2.video import read_video
+
+    if not (default_model_path() / "model_index.json").is_file():
+        pytest.skip("the bundled Shapes model is not in this checkout")
+    sample = json.loads((samples_dir() / "index.json").read_text())["red_circle_right"]
+    out = tmp_path / "run"
+    assert main(["edit", str(samples_dir() / sample["video"]), "--source-prompt", sample["caption"],
+                 "--target-prompt", sample["caption"].replace("red", "blue"), "--steps", "0",
+                 "--inference-steps", "25", "--p2p", "replace", "--blend-words", "circle",
+                 "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    edited = read_video(out / run["outputs"]["edits"][0]["gif"]).frames
+    source = read_video(samples_dir() / sample["video"]).frames[: len(edited)]
+    before, after = read_frames(source), read_frames(edited)
+    assert after.color_names().count("blue") >= 7, after.color_names()
+    assert (np.hypot(after.cx - before.cx, after.cy - before.cy) <= 4).all()
+    yy, xx = np.mgrid[: source.shape[1], : source.shape[2]]
+    for k in range(len(edited)):
+        near = [np.hypot(xx - r.cx[k], yy - r.cy[k]) <= 1.5 * r.size[k] + 2 for r in (before, after)]
+        background = ~(near[0] | near[1])
+        error = np.abs(edited[k].astype(int) - source[k].astype(int))[background].mean()
+        assert error <= 10, (k, error)

@@ -13,6 +13,7 @@ memory), counted with saved-tensor hooks. Also times the frame-attention process
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -107,6 +108,30 @@ def memory(step, device):
     return saved.total
 
 
+def ablation(f, device, size, repeats):
+    """Where the time of `ei2` goes at f frames: the 2D UNet, then one module of the recipe switched on at a time."""
+    base, ei2 = tiny_sd_unet().to(device), RECIPES["ei2"]
+    variants = {
+        "2D UNet (frames as batch)": None,
+        "per-frame SA, no temporal, frame GroupNorm": dataclasses.replace(ei2, frame_attention="self", temporal="none",
+                                                                          group_norm="frame"),
+        "+ video GroupNorm": dataclasses.replace(ei2, frame_attention="self", temporal="none"),
+        "+ STAM": dataclasses.replace(ei2, frame_attention="self"),
+        "+ FFAM (= ei2)": ei2,
+        "video GroupNorm + FFAM, no STAM": dataclasses.replace(ei2, temporal="none"),
+        "video GroupNorm + SCA, no temporal": dataclasses.replace(ei2, frame_attention="sparse-causal", temporal="none"),
+    }
+    steps = {name: make_step(base if r is None else VideoUNet.from_2d(base, r).to(device), r is not None, f, device, size)
+             for name, r in variants.items()}
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(timed(step, device, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def attention_costs(frames, device, repeats):
     """Time of one frame-attention call at a 32x32 level with 64 channels, per processor."""
     torch.manual_seed(0)
@@ -161,6 +186,11 @@ def main():
             lines.append(f"| {f} | {name} | {t:.3f} | {t / t2d:.2f} | {mems[name] / 2**20:.1f} | {mems[name] / m2d:.2f} |")
         print("\n".join(lines[-len(steps):]), flush=True)
 
+    ab = ablation(8, device, args.size, args.repeats)
+    t2d = ab["2D UNet (frames as batch)"]
+    lines += ["", "Where the time of `ei2` goes, 8 frames (same model and latents; each row one change):", "",
+              "| model | step s | × 2D |", "|---|---|---|"]
+    lines += [f"| {name} | {t:.3f} | {t / t2d:.2f} |" for name, t in ab.items()]
     lines += ["", "Frame attention alone, one call at a 32×32 level, 64 channels, 8 heads (seconds):", "",
               "| frames | self | sparse-causal | ffam | full | ffam / self | full / self | predicted ffam / self |",
               "|---|---|---|---|---|---|---|---|"]

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench", help="run a benchmark spec (videos x recipes x seeds) and write results.csv, report.md/html",
         description="Tune every (video, recipe, seed) of SPEC once, edit it with every target prompt, measure the "
-                    "edits, and write results.csv, report.md (mean ± 95%% interval per recipe) and report.html. "
+                    "edits, and write results.csv, report.md (mean ± 95% interval per recipe) and report.html. "
                     "Finished jobs are skipped when the command is run again. Under `accelerate launch` the jobs "
                     "are shared between the processes.",
     )

@@ -93,7 +93,7 @@ class ControlledFrameAttention:
                 rearrange(q, "(b f) h n d -> b f h n d", f=f), rearrange(k, "(b f) h m d -> b f h m d", f=f)
             )
             q, k = rearrange(q, "b f h n d -> (b f) h n d"), rearrange(k, "b f h m d -> (b f) h m d")
-        out = F.scaled_dot_product_attention(q, k, v)  # as diffusers AttnProcessor2_0
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # as the frame-attention processors
         return _output(attn, out, hidden_states)
 
 
