@@ -53,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(tune, cfg.TUNE)
     tune.set_defaults(handler=run_tune)
     from . import bench, demo
-    from .metrics import shift_cli
+    from .metrics import evaluate, shift_cli
 
     demo.add_parser(commands)
     shift_cli.add_parser(commands)
-    bench.add_parsers(commands)  # ei2 bench, ei2 eval
+    bench.add_parser(commands)
+    evaluate.add_parser(commands)
     return parser
 
 

@@ -133,19 +133,25 @@ def _check_type(name: str, value, kind, where: str):
     return value
 
 
-def load_yaml(path: str | os.PathLike, command: str) -> dict:
-    """Settings from a YAML file: known keys of `command`, type-checked; paths relative to the file's folder."""
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """The mapping in a YAML file; a missing file, invalid YAML or another shape is one ConfigError."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | os.PathLike, command: str) -> dict:
+    """Settings from a YAML file: known keys of `command`, type-checked; paths relative to the file's folder."""
+    path = Path(path)
+    data = read_yaml_mapping(path, "config file", "a mapping of option: value")
     known = {f.name: f for f in fields_for(command)}
     everything = {f.name for f in dataclasses.fields(Settings)}
     values = {}

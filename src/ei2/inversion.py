@@ -26,14 +26,14 @@ from safetensors.torch import load_file, save_file
 from .video import atomic_path
 
 
-def _alpha(scheduler, t: int | None) -> torch.Tensor:
-    """Cumulative alpha at timestep t; None means past the last step (x0)."""
+def alpha(scheduler, t: int | None, device=None) -> torch.Tensor:
+    """Cumulative alpha at timestep t (fp32); None means past the last step (x0)."""
     if t is None:
-        return torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
-    return scheduler.alphas_cumprod[int(t)].float()
+        return torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
+    return scheduler.alphas_cumprod[int(t)].float().to(device)
 
 
-def _prediction_type(scheduler) -> str:
+def prediction_type(scheduler) -> str:
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {kind!r} is not supported; use an epsilon or v-prediction model")
@@ -48,19 +48,23 @@ def to_epsilon(model_output, sample, alpha, prediction_type: str = "epsilon"):
 
 
 def ddim_step(eps, sample, alpha_from, alpha_to):
-    """Deterministic DDIM move of `sample` from cumulative alpha `alpha_from` to `alpha_to` (either direction)."""
-    x0 = (sample - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
-    return alpha_to.sqrt() * x0 + (1 - alpha_to).sqrt() * eps
+    """Deterministic DDIM move of `sample` from cumulative alpha `alpha_from` to `alpha_to` (either direction).
+
+    Computed in fp32; returned in the dtype of `sample`.
+    """
+    x0 = (sample.float() - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
+    return (alpha_to.sqrt() * x0 + (1 - alpha_to).sqrt() * eps).to(sample.dtype)
 
 
-def _timesteps(scheduler, num_inference_steps: int, device) -> list[int]:
+def timesteps(scheduler, num_inference_steps: int, device) -> list[int]:
     scheduler.set_timesteps(num_inference_steps, device=device)
     return [int(t) for t in scheduler.timesteps]
 
 
-def _predict_eps(unet, scheduler, kind, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0,
-                 cross_attention_kwargs=None):
-    """eps (fp32) predicted at timestep t for `latents`, with classifier-free guidance when `uncond_emb` is given.
+def predict_eps(unet, scheduler, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0,
+                cross_attention_kwargs=None):
+    """eps (fp32) predicted at timestep t for `latents`, with classifier-free guidance when `uncond_emb` is given
+    (one batch, unconditional half first).
 
     v-predictions are converted with the alpha of t, the level the model was evaluated at, so inversion
     treats epsilon and v models alike.
@@ -75,7 +79,7 @@ def _predict_eps(unet, scheduler, kind, latents, t, text_emb, uncond_emb=None, g
         ).sample.float()
         uncond, cond = both.chunk(2)
         out = uncond + guidance_scale * (cond - uncond)
-    return to_epsilon(out, latents.float(), _alpha(scheduler, t).to(latents.device), kind)
+    return to_epsilon(out, latents.float(), alpha(scheduler, t, latents.device), prediction_type(scheduler))
 
 
 @torch.no_grad()
@@ -86,23 +90,26 @@ def ddim_invert(
     text_emb: torch.Tensor,
     num_inference_steps: int = 50,
     progress: Callable | None = None,
+    callback: Callable | None = None,
 ) -> torch.Tensor:
     """DDIM inversion of clean latents `(b, c, f, h, w)` to x_T, without guidance.
 
     `progress` is an optional context-manager factory `progress(total=n)` (e.g. a pipeline's `progress_bar`).
+    `callback(i, t, latents)` sees the latents after every step (e.g. to record the trajectory).
     Returns x_T with the same shape and dtype.
     """
-    kind = _prediction_type(scheduler)
-    steps = _timesteps(scheduler, num_inference_steps, latents.device)
+    prediction_type(scheduler)
+    steps = timesteps(scheduler, num_inference_steps, latents.device)
     x = latents
     bar = progress(total=len(steps)) if progress is not None else None
     previous = None  # the clean end of the grid
-    for t in reversed(steps):
+    for i, t in enumerate(reversed(steps)):
         # eps is evaluated at the next (noisier) timestep on the current latents, as in Tune-A-Video
-        eps = _predict_eps(unet, scheduler, kind, x, t, text_emb)
-        x = ddim_step(eps, x.float(), _alpha(scheduler, previous).to(x.device), _alpha(scheduler, t).to(x.device))
-        x = x.to(latents.dtype)
+        eps = predict_eps(unet, scheduler, x, t, text_emb)
+        x = ddim_step(eps, x, alpha(scheduler, previous, x.device), alpha(scheduler, t, x.device))
         previous = t
+        if callback is not None:
+            callback(i, t, x)
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -125,20 +132,25 @@ def ddim_sample(
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) from x_T `(b, c, f, h, w)` under `text_emb` `(b, L, D)`.
 
-    With `uncond_emb` `(1 or b, L, D)` and `guidance_scale` != 1, classifier-free guidance is applied.
+    With `uncond_emb` and `guidance_scale` != 1, classifier-free guidance is applied; `uncond_emb` is
+    `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step (null-text inversion).
     `callback(i, t, latents) -> latents | None` runs after every step (it may replace the latents).
     """
-    kind = _prediction_type(scheduler)
+    prediction_type(scheduler)
     if guidance_scale != 1.0 and uncond_emb is None:
         raise ValueError("classifier-free guidance needs uncond_emb (the embedding of the negative/empty prompt)")
-    steps = _timesteps(scheduler, num_inference_steps, latents.device)
+    steps = timesteps(scheduler, num_inference_steps, latents.device)
+    per_step = uncond_emb is not None and uncond_emb.ndim == 4
+    if per_step and uncond_emb.shape[0] != len(steps):
+        raise ValueError(f"{uncond_emb.shape[0]} per-step unconditional embeddings for {len(steps)} steps; "
+                         "run null-text inversion with the same number of steps")
     x = latents
     bar = progress(total=len(steps)) if progress is not None else None
     for i, t in enumerate(steps):
-        eps = _predict_eps(unet, scheduler, kind, x, t, text_emb, uncond_emb, guidance_scale, cross_attention_kwargs)
+        uncond = uncond_emb[i] if per_step else uncond_emb
+        eps = predict_eps(unet, scheduler, x, t, text_emb, uncond, guidance_scale, cross_attention_kwargs)
         nxt = steps[i + 1] if i + 1 < len(steps) else None
-        x = ddim_step(eps, x.float(), _alpha(scheduler, t).to(x.device), _alpha(scheduler, nxt).to(x.device))
-        x = x.to(latents.dtype)
+        x = ddim_step(eps, x, alpha(scheduler, t, x.device), alpha(scheduler, nxt, x.device))
         if callback is not None:
             replaced = callback(i, t, x)
             if replaced is not None:
@@ -167,30 +179,42 @@ def inversion_key(video_hash: str, adapter_hash: str, num_inference_steps: int, 
 
 
 class InversionCache:
-    """Inverted latents by key, in memory and (with `directory`) as `<key>.safetensors` files."""
+    """Inverted latents by key, in memory and (with `directory`) as `<key><suffix>` safetensors files.
+
+    `get_tensors`/`put_tensors` store any named tensors (null-text inversion keeps two); `get`/`put` the latents.
+    """
+
+    suffix = ".safetensors"
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else None
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor] | None:
         if key in self._memory:
             return self._memory[key]
         if self.directory is not None:
-            path = self.directory / f"{key}.safetensors"
+            path = self.directory / f"{key}{self.suffix}"
             if path.is_file():
                 try:
-                    latents = load_file(str(path))["latents"]
+                    tensors = load_file(str(path))
                 except Exception:  # a damaged cache entry is recomputed, never trusted
                     return None
-                self._memory[key] = latents
-                return latents
+                self._memory[key] = tensors
+                return tensors
         return None
 
-    def put(self, key: str, latents: torch.Tensor) -> None:
-        latents = latents.detach().cpu().contiguous()
-        self._memory[key] = latents
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        self._memory[key] = tensors
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.directory / f"{key}.safetensors") as tmp:
-                save_file({"latents": latents}, str(tmp))
+            with atomic_path(self.directory / f"{key}{self.suffix}") as tmp:
+                save_file(tensors, str(tmp))
+
+    def get(self, key: str) -> torch.Tensor | None:
+        tensors = self.get_tensors(key)
+        return None if tensors is None else tensors.get("latents")
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        self.put_tensors(key, {"latents": latents})

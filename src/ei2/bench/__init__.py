@@ -40,14 +40,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parsers(subparsers) -> None:
-    """Add `ei2 bench` and `ei2 eval` to the `ei2` command's subparsers."""
-    from ..metrics.evaluate import add_parser as add_eval_parser
-
-    add_parser(subparsers)
-    add_eval_parser(subparsers)
-
-
 def run_command(args, argv=None) -> int:
     from ..errors import ConfigError
     from .spec import load_spec

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import read_yaml_mapping
 from ..errors import ConfigError
 
 METRICS = ("clip", "oracle", "flow")
@@ -274,17 +275,8 @@ def _seeds(where: str, values) -> list[int]:
 
 def load_spec(path: str | Path, quick: bool = False) -> BenchSpec:
     """Read and check a spec YAML file; `quick` applies its `quick:` section."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark spec not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with {', '.join(TOP_KEYS)}")
+    data = read_yaml_mapping(path, "benchmark spec", f"a mapping with {', '.join(TOP_KEYS)}")
     _unknown(str(path), data, TOP_KEYS)
     where = str(path)
     metrics = data.get("metrics", list(METRICS))

@@ -15,18 +15,14 @@ embeddings) is cached like inverted latents, as safetensors.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..video import atomic_path
-from . import _ddim
+from ..inversion import InversionCache, alpha, ddim_invert, ddim_step, predict_eps, timesteps
 
 
 def default_progress(total: int):
@@ -40,29 +36,12 @@ class NullTextInversion:
     latents: torch.Tensor
     uncond_embeddings: torch.Tensor
 
-    def save(self, path: str | os.PathLike) -> None:
-        with atomic_path(Path(path)) as tmp:
-            save_file({"latents": self.latents.detach().cpu().contiguous(),
-                       "uncond_embeddings": self.uncond_embeddings.detach().cpu().contiguous()}, str(tmp))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "NullTextInversion":
-        tensors = load_file(str(path))
-        return cls(tensors["latents"], tensors["uncond_embeddings"])
-
-
-@torch.no_grad()
 def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
                               num_inference_steps: int = 50) -> list[torch.Tensor]:
     """[x_0, x_1, ..., x_T]: every latent of `ei2.inversion.ddim_invert` (its result is the last one)."""
-    _ddim.prediction_type(scheduler)
-    steps = _ddim.timesteps(scheduler, num_inference_steps, latents.device)
-    trajectory, previous = [latents], None
-    for t in reversed(steps):
-        x = trajectory[-1]
-        eps = _ddim.predict_eps(unet, scheduler, x, t, text_emb)
-        trajectory.append(_ddim.step(eps, x, _ddim.alpha(scheduler, previous, x.device), _ddim.alpha(scheduler, t, x.device)))
-        previous = t
+    trajectory = [latents]
+    ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, callback=lambda i, t, x: trajectory.append(x))
     return trajectory
 
 
@@ -88,7 +67,7 @@ def null_text_inversion(
     if num_inner_steps < 1:
         raise ValueError(f"num_inner_steps must be at least 1, got {num_inner_steps}")
     trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps)
-    steps = _ddim.timesteps(scheduler, num_inference_steps, latents.device)
+    steps = timesteps(scheduler, num_inference_steps, latents.device)
     n = len(steps)
     text_emb = text_emb.expand(latents.shape[0], -1, -1)
     uncond = uncond_emb.detach().clone().float()
@@ -103,18 +82,18 @@ def null_text_inversion(
         x = trajectory[-1]
         for i, t in enumerate(steps):
             target = trajectory[n - i - 1]
-            alpha_t = _ddim.alpha(scheduler, t, x.device)
-            alpha_next = _ddim.alpha(scheduler, steps[i + 1] if i + 1 < n else None, x.device)
+            alpha_t = alpha(scheduler, t, x.device)
+            alpha_next = alpha(scheduler, steps[i + 1] if i + 1 < n else None, x.device)
             with torch.no_grad():
-                eps_cond = _ddim.predict_eps(unet, scheduler, x, t, text_emb)
+                eps_cond = predict_eps(unet, scheduler, x, t, text_emb)
             uncond = uncond.detach().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=learning_rate * (1.0 - i / (2 * n)))
             done = 0
             for _ in range(num_inner_steps):
                 with torch.enable_grad():
-                    eps_uncond = _ddim.predict_eps(unet, scheduler, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
+                    eps_uncond = predict_eps(unet, scheduler, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
                     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                    loss = F.mse_loss(_ddim.step(eps, x, alpha_t, alpha_next).float(), target.float())
+                    loss = F.mse_loss(ddim_step(eps, x, alpha_t, alpha_next).float(), target.float())
                     optimizer.zero_grad()
                     (loss * loss_scale).backward()
                 uncond.grad /= loss_scale
@@ -132,8 +111,8 @@ def null_text_inversion(
             uncond = uncond.detach()
             optimised.append(uncond.clone())
             with torch.no_grad():
-                eps = _ddim.predict_eps(unet, scheduler, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
-                x = _ddim.step(eps, x, alpha_t, alpha_next)
+                eps = predict_eps(unet, scheduler, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
+                x = ddim_step(eps, x, alpha_t, alpha_next)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -150,33 +129,16 @@ def null_text_key(video_hash: str, adapter_hash: str, num_inference_steps: int, 
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
-class NullTextCache:
+class NullTextCache(InversionCache):
     """Null-text inversions by key, in memory and (with `directory`) as `<key>.nulltext.safetensors`."""
 
-    def __init__(self, directory: str | os.PathLike | None = None):
-        self.directory = Path(directory) if directory is not None else None
-        self._memory: dict[str, NullTextInversion] = {}
-
-    def _path(self, key: str) -> Path | None:
-        return None if self.directory is None else self.directory / f"{key}.nulltext.safetensors"
+    suffix = ".nulltext.safetensors"
 
     def get(self, key: str) -> NullTextInversion | None:
-        if key in self._memory:
-            return self._memory[key]
-        path = self._path(key)
-        if path is not None and path.is_file():
-            try:
-                result = NullTextInversion.load(path)
-            except Exception:  # a damaged cache entry is recomputed, never trusted
-                return None
-            self._memory[key] = result
-            return result
-        return None
+        tensors = self.get_tensors(key)
+        if tensors is None or set(tensors) != {"latents", "uncond_embeddings"}:
+            return None
+        return NullTextInversion(tensors["latents"], tensors["uncond_embeddings"])
 
     def put(self, key: str, result: NullTextInversion) -> None:
-        result = NullTextInversion(result.latents.detach().cpu(), result.uncond_embeddings.detach().cpu())
-        self._memory[key] = result
-        path = self._path(key)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            result.save(path)
+        self.put_tensors(key, {"latents": result.latents, "uncond_embeddings": result.uncond_embeddings})

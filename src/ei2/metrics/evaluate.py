@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, EI2Error
+from ..errors import ConfigError
 
 KINDS = ("clip", "oracle", "flow")
 # column order and format of printed tables
@@ -184,19 +184,3 @@ def run_eval(args, argv=None) -> int:
         print(format_table(rows, "prompt", "edit"))
         print(f"ei2: metrics added to {Path(args.run_dir) / 'run.json'}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ei2.metrics.evaluate RUN_DIR`: the same as `ei2 eval` before the command wires it in."""
-    parser = argparse.ArgumentParser(prog="ei2")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.handler(args)
-    except EI2Error as e:
-        print(f"ei2: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
