@@ -87,7 +87,8 @@ class FineCoarseFrameAttention(FrameAttentionProcessor):
         coarse = F.avg_pool2d(grid, kernel_size=s, stride=s, ceil_mode=True)
         coarse = rearrange(coarse, "(b f) c h w -> b f (h w) c", f=f)
         fine = rearrange(hidden_states, "(b f) n c -> b f n c", f=f)
-        others = torch.tensor([[j for j in range(f) if j != i] for i in range(f)], device=fine.device)  # f (f-1)
+        j = torch.arange(f - 1, device=fine.device)
+        others = j + (j >= torch.arange(f, device=fine.device)[:, None])  # f (f-1): row i is every frame but i
         coarse_others = rearrange(coarse[:, others], "b f g m c -> b f (g m) c")
         return rearrange(torch.cat([fine, coarse_others], dim=2), "b f m c -> (b f) m c")
 
