@@ -184,11 +184,14 @@ class Stage:
         progress = min(1.0, progress)
         return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def run(self, resume: bool, max_minutes: float | None, ckpt_minutes: float = 5.0) -> None:
+    def run(self, resume: bool, max_minutes: float | None, ckpt_minutes: float = 5.0, init: str | None = None) -> None:
         from tqdm.auto import tqdm
 
         torch.manual_seed(self.seed)
         self.model = self.build().to(self.device)
+        if init is not None and not resume:  # start from given weights (e.g. an earlier run's final), at step 0
+            self.model.load_state_dict(load_file(init))
+            print(f"[{self.name}] initialised from {init}", flush=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0 if self.name != "clip" else 0.05)
         self.ema = [p.detach().clone() for p in params] if self.name == "unet" else None
@@ -372,7 +375,9 @@ def load_vae(device="cpu"):
 
     if (WORK / "vae" / "final.safetensors").exists():
         meta = json.loads((WORK / "vae" / "final.json").read_text())
-        vae = AutoencoderKL.from_config(meta["vae_config"])
+        # drop "_use_default_values": it lists scaling_factor, and from_config would then discard the stored 1/std
+        config = {k: v for k, v in meta["vae_config"].items() if k != "_use_default_values"}
+        vae = AutoencoderKL.from_config(config)
         vae.load_state_dict(load_file(str(WORK / "vae" / "final.safetensors")))
     else:
         vae = AutoencoderKL.from_pretrained(str(ASSETS / "shapes-sd"), subfolder="vae")
@@ -510,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from work_shapes/<stage>/checkpoint.safetensors")
     parser.add_argument("--max-minutes", type=float, help="stop a stage after this long (checkpoint + final written)")
+    parser.add_argument("--init", help="safetensors weights to start the stage from (fresh optimiser, step 0)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the training images")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--work", default=str(WORK), help="folder of checkpoints and logs (default work_shapes)")
@@ -529,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "pool") if getattr(args, k) is not None}
         cfg = replace(cfg, **overrides)
         print(f"[{name}] {cfg} on {args.device}", flush=True)
-        STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(args.resume, args.max_minutes)
+        STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(args.resume, args.max_minutes, init=args.init)
     if args.stage in ("export", "all"):
         export(Path(args.assets))
     return 0
