@@ -32,7 +32,7 @@ def _edited(out):
     return frames, read_frames(frames)
 
 
-def test_demo_writes_a_blue_square_and_says_where(demo_run):
+def test_demo_writes_a_red_circle_and_says_where(demo_run):
     code, out, printed = demo_run
     assert code == 0
     assert str(out) in printed and "grid.gif" in printed
@@ -41,22 +41,18 @@ def test_demo_writes_a_blue_square_and_says_where(demo_run):
     for name in (edit["mp4"], edit["gif"], "grid.gif", "grid.mp4", "adapter/adapter.safetensors"):
         assert (out / name).is_file(), name
 
-    source = json.loads((samples_dir() / "index.json").read_text())["red_circle_right"]
+    source = json.loads((samples_dir() / "index.json").read_text())["blue_square_down"]
     frames, reading = _edited(out)
     assert frames.shape[0] == source["frames"]
     colors, shapes = reading.color_names(), reading.shape_names()
-    right = sum(c == "blue" and s == "square" for c, s in zip(colors, shapes))
+    right = sum(c == "red" and s == "circle" for c, s in zip(colors, shapes))
     assert right >= 7, list(zip(colors, shapes))
 
 
-@pytest.mark.xfail(reason="known defect (issue 4 stays open): under guidance the Shapes model redraws the recoloured "
-                          "object near the frame centre instead of on the source's path; neither attention control nor "
-                          "partial inversion fixes it (see benchmarks/shapes/RESULTS.md)",
-                   strict=False)
 def test_demo_edit_keeps_the_source_trajectory(demo_run):
     code, out, _ = demo_run
     assert code == 0
-    source = json.loads((samples_dir() / "index.json").read_text())["red_circle_right"]
+    source = json.loads((samples_dir() / "index.json").read_text())["blue_square_down"]
     _, reading = _edited(out)
     error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
     assert (error <= 4).all(), error.round(1)

@@ -1,6 +1,6 @@
 """`ei2 demo`: the one-command first run. Edits a bundled Shapes video with the bundled Shapes model.
 
-    ei2 demo            # "a red circle moving right ..." -> "a blue square moving right ...", CPU, ~1–3 min
+    ei2 demo            # "a blue square moving down ..." -> "a red circle moving down ...", CPU, ~1 min
 
 It is `ei2 edit` with the bundled sample and prompts filled in; the run folder, outputs and errors are
 those of `ei2 edit`.
@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-SAMPLE = "red_circle_right"
-TARGET = "a blue square moving right on a gray background"
+SAMPLE = "blue_square_down"
+TARGET = "a red circle moving down on a black background"
 
 
 def samples_dir() -> Path:
@@ -24,7 +24,7 @@ def samples_dir() -> Path:
 def add_parser(commands) -> None:
     demo = commands.add_parser(
         "demo", help="edit a bundled sample video with the bundled Shapes model (the first thing to run)",
-        description="Edit the bundled video 'a red circle moving right on a gray background' into "
+        description="Edit the bundled video 'a blue square moving down on a black background' into "
                     f"'{TARGET}' with the bundled Shapes model, on the CPU in a few minutes.",
     )
     demo.add_argument("--sample", default=SAMPLE, help="name of a bundled sample (assets/samples/index.json)")

@@ -187,9 +187,12 @@ image = pipe("a red circle on a gray background", num_inference_steps=50, guidan
 Training (seeded; `work_shapes/`, git-ignored, holds checkpoints and loss logs): CLIP contrastive,
 each image against the 72 captions with random motion phrases ({steps("clip")}, batch 1024); VAE
 MSE + L1 + 1e-4 KL ({steps("vae")}, batch 256); UNet epsilon loss on SD 1.x's DDPM schedule, 10%
-empty captions for classifier-free guidance, text encoder frozen, EMA 0.999 ({steps("unet")}: 4,753
-at batch 512 and lr 1e-3, then resumed for 6,043 at batch 1024 and lr 6e-4), AdamW, warm-up then
-cosine decay. All on one NVIDIA H200 in about 14 minutes (commands below).
+empty captions for classifier-free guidance, text encoder frozen, EMA 0.999, AdamW, warm-up then
+cosine decay. The UNet was first trained for 10,796 steps (4,753 at batch 512 and lr 1e-3, then 6,043
+at batch 1024 and lr 6e-4) on latents scaled by Stable Diffusion's 0.18215, which is 0.2× unit variance
+for this VAE; the shipped UNet starts from those weights (`--init`) and is trained {steps("unet")} more
+at batch 1024 and lr 6e-4 on latents scaled by 1/std, the VAE's shipped scaling_factor. All on one
+NVIDIA H200 in about 20 minutes (commands below).
 
 ## Quality (held-out renders; `python -m ei2.shapes.evaluate`)
 | measure | result | bar | passes |
@@ -214,7 +217,10 @@ python -m ei2.shapes.train clip --device cuda --workers 16 --steps 100000 --max-
 python -m ei2.shapes.train vae  --device cuda --workers 16 --steps 100000 --max-minutes 2.2
 python -m ei2.shapes.train unet --device cuda --workers 16 --steps 100000 --max-minutes 4.4
 python -m ei2.shapes.train unet --device cuda --workers 16 --steps 100000 --max-minutes 6.2 \
-    --resume --batch-size 1024 --lr 6e-4
+    --resume --batch-size 1024 --lr 6e-4                          # at scaling_factor 0.18215 (see above)
+cp work_shapes/unet/final.safetensors init_unet.safetensors
+python -m ei2.shapes.train unet --device cuda --workers 16 --steps 100000 --max-minutes 5.5 \
+    --batch-size 1024 --lr 6e-4 --init init_unet.safetensors     # at 1/std: the shipped UNet
 python -m ei2.shapes.train export     # work_shapes/*/final.* -> assets/shapes-clip, assets/shapes-sd
 python -m ei2.shapes.evaluate         # the numbers above; writes this card
 ```
