@@ -56,3 +56,18 @@ def test_demo_edit_keeps_the_source_trajectory(demo_run):
     _, reading = _edited(out)
     error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
     assert (error <= 4).all(), error.round(1)
+
+
+def test_demo_default_edit_follows_the_chosen_sample():
+    # Without --target-prompt, each bundled sample gets an edit that keeps its own motion and background.
+    from ei2.cli import build_parser
+    from ei2.demo import demo_edit_argv
+
+    index = json.loads((samples_dir() / "index.json").read_text())
+    for name, sample in index.items():
+        argv = demo_edit_argv(build_parser().parse_args(["demo", "--sample", name]))
+        target = argv[argv.index("--target-prompt") + 1]
+        words = sample["caption"].split()
+        motion_and_background = " ".join(words[3:])  # "a COLOUR SHAPE <motion ...> on a BACKGROUND background"
+        assert target.endswith(motion_and_background), (name, target)
+        assert target.split()[1] != sample["color"] and target.split()[2] != sample["shape"], (name, target)

@@ -12,7 +12,17 @@ import json
 from pathlib import Path
 
 SAMPLE = "blue_square_down"
-TARGET = "a red circle moving down on a black background"
+# The edit `ei2 demo --sample NAME` makes when no --target-prompt is given: colour and shape swapped, the
+# sample's motion and background kept. The default sample's edit is the one the demo test checks.
+TARGETS = {
+    "blue_square_down": "a red circle moving down on a black background",
+    "red_circle_right": "a blue square moving right on a gray background",
+    "green_triangle_circling": "a purple square circling on a white background",
+    "yellow_diamond_bouncing": "a green circle bouncing on a gray background",
+    "purple_circle_diagonal": "a green square moving diagonally on a black background",
+    "orange_square_growing": "a blue circle growing on a white background",
+}
+TARGET = TARGETS[SAMPLE]
 
 
 def samples_dir() -> Path:
@@ -28,7 +38,8 @@ def add_parser(commands) -> None:
                     f"'{TARGET}' with the bundled Shapes model, on the CPU in a few minutes.",
     )
     demo.add_argument("--sample", default=SAMPLE, help="name of a bundled sample (assets/samples/index.json)")
-    demo.add_argument("--target-prompt", action="append", help=f"edit prompt (default: {TARGET!r}); repeatable")
+    demo.add_argument("--target-prompt", action="append", help="edit prompt, repeatable (default: the sample's colour and shape swapped, "
+                                                                   f"for the default sample {TARGET!r})")
     demo.add_argument("--recipe", default="ei2")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
@@ -51,7 +62,10 @@ def demo_edit_argv(args) -> list[str]:
     argv = ["edit", str(samples_dir() / sample["video"]), "--source-prompt", sample["caption"],
             "--recipe", args.recipe, "--seed", str(args.seed), "--device", args.device,
             "--frames", str(sample["frames"])]
-    for prompt in args.target_prompt or [TARGET]:
+    prompts = args.target_prompt or ([TARGETS[args.sample]] if args.sample in TARGETS else None)
+    if not prompts:
+        raise ConfigError(f"sample {args.sample!r} has no default edit; pass --target-prompt \"...\"")
+    for prompt in prompts:
         argv += ["--target-prompt", prompt]
     if args.out:
         argv += ["--out", args.out]
