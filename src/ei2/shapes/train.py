@@ -340,10 +340,7 @@ class VaeStage(Stage):
         std = torch.cat(zs).std().item()
         self.model.register_to_config(scaling_factor=1.0 / std)
         self.model.train()
-        # without "_use_default_values" (which lists scaling_factor, unset at construction),
-        # from_config would drop the value just set and fall back to SD's 0.18215
-        config = {k: v for k, v in self.model.config.items() if k != "_use_default_values"}
-        return {"vae_config": config, "latent_std": std}
+        return {"vae_config": dict(self.model.config), "latent_std": std}  # load_vae keeps scaling_factor
 
 
 def _find_part(stage: str) -> Path:
