@@ -54,7 +54,7 @@ def test_tune_then_edit_with_the_adapter(tiny_sd, source_video, tmp_path):
     adapter = tmp_path / "adapters" / "square"
     assert main(["tune", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square",
                  "--out", str(adapter), "--recipe", "tune-a-video", *FAST[:4], "--quiet"]) == 0
-    assert (adapter / "adapter.safetensors").is_file() and (adapter / "run.json").is_file()
+    assert (adapter / "adapter/adapter.safetensors").is_file() and (adapter / "run.json").is_file()
     # the recipe comes from the adapter
     assert main(["edit", str(source_video), "--model", str(tiny_sd), "--adapter", str(adapter), "--source-prompt",
                  "a red square", "--target-prompt", "a blue square", "--out", "e", *FAST]) == 0
@@ -84,7 +84,7 @@ def test_interrupted_tuning_resumes_to_the_same_adapter(tiny_sd, source_video, t
     assert main([*base, "--out", "cut", "--resume"]) == 0
     run = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert run["tuning"]["resumed_from"] == 2
-    a, b = load_file(tmp_path / "whole/adapter.safetensors"), load_file(tmp_path / "cut/adapter.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter/adapter.safetensors") for run in ("whole", "cut"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 

@@ -185,13 +185,28 @@ def test_nan_loss_stops_with_the_setting_to_change(tiny_sd):
              progress=False)
 
 
-def test_v_prediction_model_tunes_and_edits(tiny_sd_v):
+def test_v_prediction_model_tunes_on_the_v_target_and_edits(tiny_sd_v):
     pipe = EI2Pipeline.from_pretrained(tiny_sd_v, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     frames = square_frames(2)
-    result = pipe.tune(frames, "a red square", steps=1)
-    assert np.isfinite(result.losses[0])
+    x0 = pipe.encode_frames(frames)
+    predictions = []
+    handle = pipe.unet.register_forward_hook(lambda module, args, out: predictions.append(out.sample.detach()))
+    try:
+        result = pipe.tune(latents=x0, source_prompt="a red square", steps=1, seed=0, gradient_checkpointing=False)
+    finally:
+        handle.remove()
+    # the noise and timestep of step 1, drawn as tuning draws them (a CPU generator seeded with `seed`)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,), generator=g)
+    a = pipe.scheduler.alphas_cumprod[t].reshape(1, 1, 1, 1, 1)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x0  # closed form of the v target
+    loss_v = torch.nn.functional.mse_loss(predictions[0].float(), v).item()
+    loss_eps = torch.nn.functional.mse_loss(predictions[0].float(), eps).item()
+    assert result.losses[0] == pytest.approx(loss_v, rel=1e-5)
+    assert abs(loss_eps - loss_v) > 1e-2 * loss_v  # an epsilon target would be told apart
     out = pipe.edit(frames, "a red square", "a blue square", num_inference_steps=2)
     assert out.frames.shape == (1, 2, 32, 32, 3)
 

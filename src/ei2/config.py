@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import defaults
 from .control.options import MODES as P2P_MODES, P2PConfig
 from .errors import ConfigError
 
@@ -44,18 +45,18 @@ class Settings:
     recipe: str | None = option(None, "inflation recipe: ei2, ei2-after-cross, tune-a-video, ... (default: the "
                                       "adapter's, else ei2)")
     adapter: str | None = option(None, "reuse a tuned adapter folder instead of tuning", commands=(EDIT,), path=True)
-    frames: int = option(8, "number of frames to sample")
+    frames: int = option(defaults.FRAMES, "number of frames to sample")
     stride: int = option(1, "take every N-th frame")
     start: int = option(0, "index of the first frame")
     width: int | None = option(None, "frame width, a multiple of 8 (default: the model's size, 512 for SD 1.x)")
     height: int | None = option(None, "frame height, a multiple of 8 (default: the model's size)")
-    steps: int = option(500, "tuning steps (0: no tuning)")
-    lr: float = option(3e-5, "tuning learning rate (AdamW)")
-    checkpoint_every: int = option(100, "write a tuning checkpoint every N steps (0: never)")
+    steps: int = option(defaults.STEPS, "tuning steps (0: no tuning)")
+    lr: float = option(defaults.LEARNING_RATE, "tuning learning rate (AdamW)")
+    checkpoint_every: int = option(defaults.CHECKPOINT_EVERY, "write a tuning checkpoint every N steps (0: never)")
     resume: bool = option(False, "continue an interrupted tuning from its checkpoint (same --out)")
     gradient_checkpointing: bool = option(True, "gradient checkpointing during tuning")
-    inference_steps: int = option(50, "DDIM steps of inversion and editing", commands=(EDIT,))
-    guidance_scale: float = option(12.5, "classifier-free guidance scale", commands=(EDIT,))
+    inference_steps: int = option(defaults.INFERENCE_STEPS, "DDIM steps of inversion and editing", commands=(EDIT,))
+    guidance_scale: float = option(defaults.GUIDANCE_SCALE, "classifier-free guidance scale", commands=(EDIT,))
     negative_prompt: str | None = option(None, "negative prompt for classifier-free guidance", commands=(EDIT,))
     p2p: str | None = option(None, "Prompt-to-Prompt attention control: replace (word swap), refine (added words) "
                                    "or reweight (--reweight)", commands=(EDIT,), choices=P2P_MODES)
@@ -72,6 +73,18 @@ class Settings:
     blend_threshold: float | None = option(None, "local-blend mask threshold in [0, 1] "
                                                  f"(default: {P2PConfig.blend_threshold})", commands=(EDIT,),
                                            metavar="THRESHOLD")
+    inject_features: float = option(defaults.INJECT_FEATURES,
+                                    "structure: fraction of the first steps whose decoder ResNet features come "
+                                    "from the source branch (Plug-and-Play; SD: "
+                                    f"{defaults.SD_INJECT_FEATURES}; 0: off)", commands=(EDIT,),
+                                    metavar="FRACTION")
+    inject_attention: float = option(defaults.INJECT_ATTENTION,
+                                     "structure: fraction of the first steps whose frame-attention queries and "
+                                     f"keys come from the source branch (SD: {defaults.SD_INJECT_ATTENTION}; 0: off)",
+                                     commands=(EDIT,), metavar="FRACTION")
+    inject_block: int = option(defaults.INJECT_BLOCK, "structure: decoder block up_blocks[N] whose features are "
+                                                      "injected (attention: that block and finer ones)",
+                               commands=(EDIT,), metavar="N")
     null_text: bool = option(False, "null-text inversion before editing: faithful reconstruction, slower",
                              commands=(EDIT,))
     save_attention: str | None = option(None, "save the cross-attention maps of WORD per frame as an image grid",
@@ -231,8 +244,9 @@ def resolve(command: str, args, config_path: str | None) -> Settings:
     return settings
 
 
-MODEL_DEFAULTS_FILE = "ei2_defaults.json"
+MODEL_DEFAULTS_FILE = defaults.MODEL_DEFAULTS_FILE
 MODEL_DEFAULT_KEYS = ("frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
+                      "inject_features", "inject_attention", "inject_block",
                       "negative_prompt", "fps")
 
 

@@ -31,7 +31,8 @@ def samples_dir() -> Path:
     return default_model_path().parent / "samples"
 
 
-def add_parser(commands) -> None:
+def add_parser(commands, edit_parser: argparse.ArgumentParser) -> None:
+    """Register `ei2 demo`; `edit_parser` is the `ei2 edit` parser, through which the demo's edit runs."""
     demo = commands.add_parser(
         "demo", help="edit a bundled sample video with the bundled Shapes model (the first thing to run)",
         description="Edit the bundled video 'a blue square moving down on a black background' into "
@@ -46,7 +47,7 @@ def add_parser(commands) -> None:
     demo.add_argument("--out", help="run folder (default: a new folder under ./outputs/)")
     demo.add_argument("--overwrite", action="store_true")
     demo.add_argument("--quiet", action="store_true")
-    demo.set_defaults(handler=run_demo)
+    demo.set_defaults(handler=run_demo, edit_parser=edit_parser)
 
 
 def demo_edit_argv(args) -> list[str]:
@@ -76,12 +77,10 @@ def demo_edit_argv(args) -> list[str]:
 def run_demo(args, argv) -> int:
     import datetime
 
-    from .cli import build_parser
-
     if not args.out:
         args.out = str(Path("outputs") / datetime.datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
     edit_argv = demo_edit_argv(args)
-    edit_args = build_parser().parse_args(edit_argv)
+    edit_args = args.edit_parser.parse_args(edit_argv[1:])  # edit_argv[0] is the command, "edit"
     code = edit_args.handler(edit_args, edit_argv)
     if code == 0:
         out = Path(args.out)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .defaults import INFERENCE_STEPS
 from .video import atomic_path
 
 
@@ -88,7 +89,7 @@ def ddim_invert(
     scheduler,
     latents: torch.Tensor,
     text_emb: torch.Tensor,
-    num_inference_steps: int = 50,
+    num_inference_steps: int = INFERENCE_STEPS,
     progress: Callable | None = None,
     callback: Callable | None = None,
 ) -> torch.Tensor:
@@ -123,7 +124,7 @@ def ddim_sample(
     scheduler,
     latents: torch.Tensor,
     text_emb: torch.Tensor,
-    num_inference_steps: int = 50,
+    num_inference_steps: int = INFERENCE_STEPS,
     guidance_scale: float = 1.0,
     uncond_emb: torch.Tensor | None = None,
     progress: Callable | None = None,

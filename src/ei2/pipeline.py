@@ -26,9 +26,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipe
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
+from . import defaults
 from .errors import EI2Error, ModelError
 from .inversion import InversionCache, ddim_invert, ddim_sample, inversion_key, tensor_hash
 from .models import Recipe, VideoUNet
+from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
 from .tuning import TuningConfig, TuningResult, tune
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -86,6 +88,23 @@ def _hub_offline() -> bool:
     return False
 
 
+def fit_prompt_length(tokenizer, text_encoder) -> None:
+    """Make `tokenizer.model_max_length` the text encoder's prompt length when the tokenizer does not know it.
+
+    A tokenizer config without `model_max_length` makes transformers report 1e30, which pads prompts to
+    1e30 tokens (an OverflowError); the text encoder's `max_position_embeddings` is the real limit.
+    """
+    length = getattr(tokenizer, "model_max_length", None)
+    limit = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    if limit is not None and (length is None or length > limit):
+        tokenizer.model_max_length = int(limit)
+    elif length is None or length > 1_000_000:
+        raise ModelError(
+            "the tokenizer has no model_max_length and the text encoder no max_position_embeddings; add "
+            '"model_max_length": 77 (the prompt length of Stable Diffusion) to tokenizer/tokenizer_config.json'
+        )
+
+
 def check_model_folder(path: Path) -> None:
     missing = [part for part in MODEL_PARTS if not (path / part).is_dir()]
     if missing:
@@ -110,6 +129,7 @@ class EI2Pipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: VideoUNet, scheduler):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        fit_prompt_length(tokenizer, text_encoder)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.mixed_precision = "fp32"  # "fp32", "fp16" or "bf16": autocast of the UNet, dtype of vae/text encoder
         self.inversion_cache = InversionCache()
@@ -133,6 +153,8 @@ class EI2Pipeline(DiffusionPipeline):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         source = cls._resolve_model(model)
+        if adapter is None and (Path(source) / ADAPTER_FOLDER / ADAPTER_CONFIG).is_file():
+            adapter = Path(source) / ADAPTER_FOLDER  # a folder written by EI2Pipeline.save_pretrained
         if adapter is not None:
             adapter_recipe = VideoUNet.read_adapter_recipe(adapter)
             if recipe is None:
@@ -277,13 +299,83 @@ class EI2Pipeline(DiffusionPipeline):
     def adapter_hash(self) -> str:
         """Digest of what the UNet is: base model, recipe and the current tuned tensors."""
         tensors = [p for _, p in self.unet.trainable_parameters()]
-        return f"{self.unet.base_fingerprint}-{self.unet.recipe.name}-{tensor_hash(*tensors)}"
+        return f"{self.unet.base_fingerprint}-{self.unet.recipe.digest()}-{tensor_hash(*tensors)}"
+
+    def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> str:
+        """Cache key of the DDIM inversion of clean `latents` under `prompt` with this adapter and precision."""
+        latents = latents.to(self.unet.device, torch.float32)
+        return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, self.mixed_precision)
+
+    def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> bool:
+        """Whether `invert(latents=latents, prompt=prompt, ...)` would come from the cache."""
+        return self.inversion_cache.get(self.inversion_key(latents, prompt, num_inference_steps)) is not None
 
     def save_adapter(self, directory: str | Path) -> Path:
         return self.unet.save_adapter(directory)
 
     def load_adapter(self, directory: str | Path) -> None:
         self.unet.load_adapter(directory)
+
+    def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> Path:
+        """Write the pipeline as a diffusers Stable Diffusion folder plus its adapter; `from_pretrained` reloads it.
+
+        `unet/` holds the pretrained 2D UNet (not the tuned copy: the tuned tensors and the recipe are in
+        `adapter/`), `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and `model_index.json` are as
+        `StableDiffusionPipeline.save_pretrained` writes them, safetensors only. The folder appears whole
+        (written beside it, then renamed); an existing folder is replaced.
+        """
+        import json
+        import shutil
+
+        from diffusers import __version__ as diffusers_version
+        from safetensors.torch import save_file
+
+        if not safe_serialization:
+            raise ValueError("EI2Pipeline writes safetensors only; drop safe_serialization=False")
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected arguments: {', '.join(kwargs)}")
+        final = Path(save_directory)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / "unet").mkdir()
+            self.unet.unet.save_config(tmp / "unet")
+            base = {k: v.detach().cpu().contiguous() for k, v in self.unet.base_state_dict().items()}
+            save_file(base, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            self.unet.save_adapter(tmp / ADAPTER_FOLDER)
+            source = Path(getattr(self, "model_source", "") or "/nonexistent")
+            if (source / defaults.MODEL_DEFAULTS_FILE).is_file():  # the model's own defaults travel with it
+                shutil.copyfile(source / defaults.MODEL_DEFAULTS_FILE, tmp / defaults.MODEL_DEFAULTS_FILE)
+            index = {
+                "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
+                "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+                "image_encoder": [None, None],
+            }
+            for name in MODEL_PARTS:
+                module = self.unet.unet if name == "unet" else getattr(self, name)
+                index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, final)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
 
     # ------------------------------------------------------------------------------------------ stages
     def tune(
@@ -292,8 +384,8 @@ class EI2Pipeline(DiffusionPipeline):
         source_prompt: str = "",
         *,
         latents: torch.Tensor | None = None,
-        steps: int = 500,
-        learning_rate: float = 3e-5,
+        steps: int = defaults.STEPS,
+        learning_rate: float = defaults.LEARNING_RATE,
         seed: int = 0,
         gradient_checkpointing: bool = True,
         checkpoint_dir: str | Path | None = None,
@@ -325,7 +417,7 @@ class EI2Pipeline(DiffusionPipeline):
         prompt: str = "",
         *,
         latents: torch.Tensor | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int = defaults.INFERENCE_STEPS,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance -> x_T.
@@ -337,7 +429,7 @@ class EI2Pipeline(DiffusionPipeline):
                 raise ValueError("give frames or latents")
             latents = self.encode_frames(frames)
         latents = latents.to(self.unet.device, torch.float32)
-        key = inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, self.mixed_precision)
+        key = self.inversion_key(latents, prompt, num_inference_steps)
         cached = self.inversion_cache.get(key) if use_cache else None
         if cached is not None:
             return cached.to(latents.device)
@@ -345,7 +437,7 @@ class EI2Pipeline(DiffusionPipeline):
         with self._autocast():
             inverted = ddim_invert(self.unet, self._ddim(), latents, text, num_inference_steps,
                                    progress=lambda total: self._bar("inversion", total))
-        inverted = inverted.float()
+        inverted = inverted.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
             self.inversion_cache.put(key, inverted)
         return inverted
@@ -361,8 +453,8 @@ class EI2Pipeline(DiffusionPipeline):
         source_latents: torch.Tensor | None = None,
         inversion_prompt: str | None = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 12.5,
+        num_inference_steps: int = defaults.INFERENCE_STEPS,
+        guidance_scale: float = defaults.GUIDANCE_SCALE,
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -405,7 +497,7 @@ class EI2Pipeline(DiffusionPipeline):
             side = self.default_size
             height, width = height or side, width or side
             self.check_size(height, width)
-            shape = (1, self.unet.config.in_channels, num_frames or 8, height // self.vae_scale_factor,
+            shape = (1, self.unet.config.in_channels, num_frames or defaults.FRAMES, height // self.vae_scale_factor,
                      width // self.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         if latents.ndim != 5:
@@ -437,19 +529,23 @@ class EI2Pipeline(DiffusionPipeline):
         return EI2PipelineOutput(frames=frames_out, latents=latents)
 
     def edit(self, frames: np.ndarray, source_prompt: str, target_prompt: str | list[str], *, p2p=None,
-             null_text: bool = False, **kwargs) -> EI2PipelineOutput:
+             null_text: bool = False, injection=None, **kwargs) -> EI2PipelineOutput:
         """Invert the source video (cached) and sample it again under `target_prompt`; see `__call__`.
 
         `p2p` (an `ei2.control.P2PConfig`): Prompt-to-Prompt attention control, the source branch denoised
-        along; `null_text`: null-text inversion instead of DDIM inversion (DESIGN §1.8). With either, the
+        along; `null_text`: null-text inversion instead of DDIM inversion (DESIGN §1.8); `injection` (an
+        `ei2.control.InjectionConfig`): the source's decoder features and frame-attention queries/keys
+        injected for the first steps, to keep its layout and motion (DESIGN §1.9). With any of them, the
         keyword arguments are those of `ei2.control.controlled_edit`.
         """
         self._check_prompt(source_prompt, "source_prompt")
-        if p2p is None and not null_text:
+        steps = kwargs.get("num_inference_steps", defaults.INFERENCE_STEPS)
+        injects = injection is not None and injection.active(steps)
+        if p2p is None and not null_text and not injects:
             return self(target_prompt, frames, source_prompt, **kwargs)
         from .control.edit import controlled_edit
 
         self._check_prompt(target_prompt, "target_prompt")
         result = controlled_edit(self, self.encode_frames(frames), source_prompt, target_prompt, p2p=p2p,
-                                 null_text=null_text, **kwargs)
+                                 null_text=null_text, injection=injection, **kwargs)
         return EI2PipelineOutput(frames=self.decode_latents(result.latents), latents=result.latents)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import defaults
 from .errors import TuningError
 from .inversion import tensor_hash
 
@@ -40,13 +42,13 @@ CHECKPOINT_PREFIX = "step-"
 class TuningConfig:
     """Settings of one-shot tuning; the defaults are Tune-A-Video's."""
 
-    steps: int = 500
-    learning_rate: float = 3e-5
-    max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    steps: int = defaults.STEPS
+    learning_rate: float = defaults.LEARNING_RATE
+    max_grad_norm: float = defaults.MAX_GRAD_NORM
+    adam_beta1: float = defaults.ADAM_BETA1
+    adam_beta2: float = defaults.ADAM_BETA2
+    adam_weight_decay: float = defaults.ADAM_WEIGHT_DECAY
+    adam_epsilon: float = defaults.ADAM_EPSILON
     mixed_precision: str = "no"  # "no" (fp32), "fp16" or "bf16"
     gradient_checkpointing: bool = True
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -85,6 +87,21 @@ def _target(noise_scheduler, latents, noise, timesteps):
     if kind == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise TuningError(f"prediction_type {kind!r} is not supported; use an epsilon or v-prediction model")
+
+
+def names_hash(names: list[str]) -> str:
+    """Digest of an ordered list of parameter names (the names themselves, not their lengths)."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] + f":{len(names)}"
+
+
+def tuning_identity(unet, latents: torch.Tensor, text_emb: torch.Tensor, names: list[str]) -> dict:
+    """What a checkpoint must match to be resumed: recipe contents, base model, data, trainable names."""
+    return {
+        "recipe": unet.recipe.digest(),
+        "base_fingerprint": str(unet.base_fingerprint),
+        "data": tensor_hash(latents.float(), text_emb.float()),
+        "trainable": names_hash(names),
+    }
 
 
 def _spectral_modules(unet) -> dict[str, torch.nn.Module]:
@@ -130,12 +147,7 @@ def tune(
     accelerator = _accelerator(config.mixed_precision, device)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     generator = torch.Generator().manual_seed(config.seed)  # noise and timesteps, drawn on the CPU
-    identity = {
-        "recipe": unet.recipe.name,
-        "base_fingerprint": str(unet.base_fingerprint),
-        "data": tensor_hash(latents.float(), text_emb.float()),
-        "trainable": tensor_hash(*[torch.tensor([len(n)]) for n in names]) + f":{len(names)}",
-    }
+    identity = tuning_identity(unet, latents, text_emb, names)
     result = TuningResult()
     start = 0
     if resume:

@@ -26,6 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("spec", metavar="SPEC", help="benchmark spec YAML (e.g. benchmarks/shapes/spec.yaml)")
     parser.add_argument("--out", metavar="DIR", help="results folder (default: outputs/bench-<name>[-quick])")
     parser.add_argument("--quick", action="store_true", help="the spec's quick subset (a smoke test)")
+    parser.add_argument("--recipes", nargs="+", metavar="NAME",
+                        help="run only these recipe entries of the spec (names as in its `recipes:`)")
     parser.add_argument("--device", default="auto",
                         help="auto (each process's accelerate device: cuda:N, else cpu), cpu, cuda (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
@@ -50,6 +52,12 @@ def run_command(args, argv=None) -> int:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.metrics:
         spec.metrics = tuple(args.metrics)
+    if args.recipes:
+        by_name = {r.name: r for r in spec.recipes}
+        unknown = [name for name in args.recipes if name not in by_name]
+        if unknown:
+            raise ConfigError(f"--recipes {' '.join(unknown)}: not in the spec; its recipes are {', '.join(by_name)}")
+        spec.recipes = [by_name[name] for name in args.recipes]
     if args.report_only or args.rescore:
         from .report import write_report
         from .run import JOB_FILE, Runner, job_dir

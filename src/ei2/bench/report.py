@@ -18,7 +18,7 @@ import numpy as np
 from ..metrics.evaluate import COLUMNS
 from .spec import BenchSpec, Job
 
-LOWER_IS_BETTER = {"warp_err", "warp_err_src", "centre_err", "flicker"}
+LOWER_IS_BETTER = {"warp_err", "warp_err_src", "centre_err", "flicker", "collapsed"}
 BASELINE = "tune-a-video"
 PLOTTED = ("tex_ali", "tem_con", "frame_acc", "edit_acc", "keep_acc", "centre_err", "flicker", "warp_err")
 
@@ -111,6 +111,8 @@ ABLATIONS = (  # (question, recipe a, recipe b): each row of the ablation table 
     ("STAM after self- vs after cross-attention", "ei2", "ei2-after-cross"),
     ("EI² vs Tune-A-Video", "ei2", "tune-a-video"),
     ("tuned vs untuned", "ei2", "untuned"),
+    ("injection on vs off, EI²", "ei2+inject", "ei2"),
+    ("injection on vs off, Tune-A-Video", "tune-a-video+inject", "tune-a-video"),
 )
 
 
@@ -198,6 +200,9 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
         out += ["", "Variants: " + "; ".join(overrides) + "."]
     if "edit_acc" in keys:
         out += ["", "## Edit accuracy by kind of edit", "", kind_table(rows, recipes, "edit_acc")]
+    if "path_kept" in keys:
+        out += ["", "## Path kept (mean centre error ≤ 4 px, an object in every frame) by kind of edit", "",
+                kind_table(rows, recipes, "path_kept")]
     comparisons = [c for c in ABLATIONS if c[1] in recipes and c[2] in recipes]
     if comparisons:
         out += ["", "## Ablations: paired differences", "",

@@ -84,6 +84,7 @@ class Runner:
     def run(self, job: Job) -> dict:
         import torch
 
+        from ..control import InjectionConfig, controlled_edit
         from ..metrics.evaluate import evaluate_edits
         from ..pipeline import EI2Pipeline
         from ..video import write_gif
@@ -113,9 +114,15 @@ class Runner:
         inverted = pipe.invert(latents=latents, prompt=job.video.source_prompt,
                                num_inference_steps=s["inference_steps"])
         prompts = [e.prompt for e in job.video.edits]
-        generator = torch.Generator().manual_seed(job.seed)
-        edited = pipe(prompts, latents=inverted, num_inference_steps=s["inference_steps"],
-                      guidance_scale=s["guidance_scale"], generator=generator).frames  # (e, f, h, w, 3)
+        injection = InjectionConfig(s["inject_features"], s["inject_attention"], s["inject_block"])
+        if injection.active(s["inference_steps"]):  # one source branch beside all the edits of the video
+            result = controlled_edit(pipe, latents, job.video.source_prompt, prompts, injection=injection,
+                                     num_inference_steps=s["inference_steps"], guidance_scale=s["guidance_scale"])
+            edited = pipe.decode_latents(result.latents)
+        else:
+            generator = torch.Generator().manual_seed(job.seed)
+            edited = pipe(prompts, latents=inverted, num_inference_steps=s["inference_steps"],
+                          guidance_scale=s["guidance_scale"], generator=generator).frames  # (e, f, h, w, 3)
         timings["edit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         rows = evaluate_edits(list(zip(prompts, edited)), frames, job.video.source_prompt, self.spec.metrics,

@@ -5,10 +5,11 @@
     clip_model: null            # default: the Shapes CLIP (assets/shapes-clip)
     metrics: [clip, oracle, flow]
     settings: {steps: 150, lr: 1.0e-4, inference_steps: 25, guidance_scale: 7.5, frames: 8}
-    recipes:                    # a recipe name, or {name, recipe, steps} for a variant such as the untuned model
+    recipes:                    # a recipe name, or {name, recipe, <setting>: ...} for a variant
       - ei2
       - tune-a-video
       - {name: untuned, recipe: ei2, steps: 0}
+      - {name: ei2+inject, recipe: ei2, inject_features: 0.5, inject_attention: 0.5}
     seeds: [0, 1, 2]
     videos:
       - name: red-circle-right
@@ -47,6 +48,8 @@ SETTINGS = {  # key: (type, default)
     "frames": (int, 8), "stride": (int, 1), "start": (int, 0), "size": (int, None),
     "steps": (int, 150), "lr": (float, 1e-4), "gradient_checkpointing": (bool, False),
     "inference_steps": (int, 25), "guidance_scale": (float, 7.5), "dtype": (str, "auto"),
+    # structure-preserving injection (DESIGN §1.9): fractions of the steps, decoder block
+    "inject_features": (float, 0.0), "inject_attention": (float, 0.0), "inject_block": (int, 1),
 }
 TOP_KEYS = ("name", "model", "clip_model", "metrics", "settings", "recipes", "seeds", "videos", "quick")
 VIDEO_KEYS = ("name", "source_prompt", "path", "shapes", "edits")

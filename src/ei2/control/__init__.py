@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt attention control and null-text inversion for EI² video editing (DESIGN §1.8, seed B.2).
+"""Prompt-to-Prompt attention control, structure-preserving feature injection and null-text inversion for
+EI² video editing (DESIGN §1.8, §1.9, seed B.2).
 
     controller = build_controller(P2PConfig("replace", blend_words=("man", "panda")), tokenizer,
                                   "a man is skiing", ["a panda is skiing"], num_steps=50)
@@ -9,6 +10,7 @@ from .controllers import (
     AttentionEdit, AttentionRefine, AttentionReplace, AttentionReweight, AttentionStore, LayerPlace, LocalBlend,
 )
 from .edit import ControlledEdit, controlled_edit, null_text_invert
+from .injection import FeatureInjection, InjectionConfig
 from .null_text import NullTextCache, NullTextInversion, ddim_inversion_trajectory, null_text_inversion, null_text_key
 from .options import P2PConfig, build_controller, parse_cross_replace, parse_reweight
 from .processors import ControlledCrossAttention, ControlledFrameAttention, attention_control
@@ -17,7 +19,7 @@ from .visualize import attention_grid, save_attention_grid
 from .words import P2PError, refinement_mapper, word_token_indices
 
 __all__ = [
-    "ControlledEdit", "controlled_edit", "null_text_invert",
+    "ControlledEdit", "controlled_edit", "null_text_invert", "FeatureInjection", "InjectionConfig",
     "AttentionEdit", "AttentionRefine", "AttentionReplace", "AttentionReweight", "AttentionStore", "LayerPlace",
     "LocalBlend", "NullTextCache", "NullTextInversion", "ddim_inversion_trajectory", "null_text_inversion",
     "null_text_key", "P2PConfig", "build_controller", "parse_cross_replace", "parse_reweight",

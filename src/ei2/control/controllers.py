@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..models.context import level_grid
+
 
 @dataclass(frozen=True)
 class LayerPlace:
@@ -36,14 +38,6 @@ class LayerPlace:
     name: str
     location: str
     level: int
-
-
-def level_grid(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
-    """(h, w) of UNet level `level`: diffusers halves each side with ceil at every downsampler."""
-    h, w = latent_size
-    for _ in range(level):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 class AttentionStore:

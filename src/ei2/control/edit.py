@@ -1,13 +1,16 @@
-"""An EI² edit with Prompt-to-Prompt control and/or null-text inversion, on an `EI2Pipeline` (DESIGN §1.8).
+"""An EI² edit with Prompt-to-Prompt control, structure-preserving injection and/or null-text inversion,
+on an `EI2Pipeline` (DESIGN §1.8, §1.9).
 
     result = controlled_edit(pipe, latents, "a man is skiing", ["a panda is skiing"],
-                             p2p=P2PConfig("replace", blend_words=("man", "panda")), null_text=True)
+                             p2p=P2PConfig("replace", blend_words=("man", "panda")), null_text=True,
+                             injection=InjectionConfig(features=0.8, attention=0.5))
     frames = pipe.decode_latents(result.latents)      # (targets, f, H, W, 3)
 
 1. Invert the source latents: DDIM (the pipeline's cached `invert`) or null-text inversion (cached in
    the same folder, keyed by video, adapter, steps, prompt, guidance and optimisation settings).
-2. With `p2p`, denoise the source branch together with the targets (batch source + targets) under the
-   controller; without it, denoise the targets only (null-text inversion alone still helps fidelity).
+2. With `p2p` or an active `injection`, denoise the source branch together with the targets (batch
+   source + targets; one source branch serves both); otherwise denoise the targets only (null-text
+   inversion alone still helps fidelity).
 3. Return the targets' latents, the source branch's latents and the controller with its stored maps
    (for `save_attention_grid`).
 """
@@ -18,8 +21,12 @@ from typing import Sequence
 
 import torch
 
+from ..defaults import (
+    GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS, NULL_TEXT_LEARNING_RATE,
+)
 from ..inversion import tensor_hash
 from .controllers import AttentionStore
+from .injection import FeatureInjection, InjectionConfig
 from .null_text import NullTextCache, NullTextInversion, null_text_inversion, null_text_key
 from .options import P2PConfig, build_controller
 from .sampling import controlled_sample
@@ -27,7 +34,7 @@ from .sampling import controlled_sample
 
 @dataclass
 class ControlledEdit:
-    """latents: (targets, c, f, h, w); source_latents: (1, c, f, h, w) of the source branch (None without p2p);
+    """latents: (targets, c, f, h, w); source_latents: (1, c, f, h, w) of the source branch (None without p2p or injection);
     controller: the controller (None when no control and no recorded maps); prompts: its branches' prompts."""
 
     latents: torch.Tensor
@@ -37,8 +44,10 @@ class ControlledEdit:
 
 
 def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, guidance_scale: float,
-                     negative_prompt: str | None = None, num_inner_steps: int = 10, learning_rate: float = 1e-2,
-                     early_stop_epsilon: float = 1e-5, use_cache: bool = True) -> NullTextInversion:
+                     negative_prompt: str | None = None, num_inner_steps: int = NULL_TEXT_INNER_STEPS,
+                     learning_rate: float = NULL_TEXT_LEARNING_RATE,
+                     early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
+                     use_cache: bool = True) -> NullTextInversion:
     """Null-text inversion of clean latents (1, c, f, h, w) on `pipe`'s UNet, starting from the embedding of
     `negative_prompt` (default ""); cached beside the pipeline's DDIM inversions."""
     if getattr(pipe, "null_text_cache", None) is None:
@@ -71,12 +80,13 @@ def controlled_edit(
     *,
     p2p: P2PConfig | None = None,
     null_text: bool = False,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 12.5,
+    injection: InjectionConfig | None = None,
+    num_inference_steps: int = INFERENCE_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
     negative_prompt: str | None = None,
     record_attention: bool = False,
-    null_text_inner_steps: int = 10,
-    null_text_learning_rate: float = 1e-2,
+    null_text_inner_steps: int = NULL_TEXT_INNER_STEPS,
+    null_text_learning_rate: float = NULL_TEXT_LEARNING_RATE,
 ) -> ControlledEdit:
     """Edit clean source latents (1, c, f, h, w) into each target prompt; see the module docstring."""
     # 1. Check inputs: a bad P2P option fails here, before any inversion
@@ -86,9 +96,12 @@ def controlled_edit(
     controller = None
     if p2p is not None:
         controller = build_controller(p2p, pipe.tokenizer, source_prompt, targets, num_inference_steps)
-    prompts = [source_prompt, *targets] if p2p is not None else targets
+    injects = injection is not None and injection.active(num_inference_steps)
+    with_source = p2p is not None or injects
+    prompts = [source_prompt, *targets] if with_source else targets
     if controller is None and record_attention:
         controller = AttentionStore(len(prompts))
+    feature_injection = FeatureInjection(injection, len(prompts), num_inference_steps) if injects else None
     device = pipe.unet.device
 
     # 2. Invert: null-text (per-step unconditional embeddings) or DDIM with the fixed negative/empty prompt
@@ -100,15 +113,15 @@ def controlled_edit(
         uncond = pipe.encode_prompt(negative_prompt or "")
         x_t = pipe.invert(latents=latents, prompt=source_prompt, num_inference_steps=num_inference_steps)
 
-    # 3. Denoise all branches together (source first with p2p)
+    # 3. Denoise all branches together (source first with p2p or injection)
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
     with pipe._autocast():
         out = controlled_sample(
             pipe.unet, pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
             guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
-            progress=lambda total: pipe._bar("editing", total),
+            progress=lambda total: pipe._bar("editing", total), injection=feature_injection,
         )
     out = out.float()
-    if p2p is not None:
+    if with_source:
         return ControlledEdit(out[1:], out[:1], controller, prompts)
     return ControlledEdit(out, None, controller, prompts)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..defaults import (GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS,
+                        NULL_TEXT_LEARNING_RATE)
 from ..inversion import InversionCache, alpha, ddim_invert, ddim_step, predict_eps, timesteps
 
 
@@ -38,7 +40,7 @@ class NullTextInversion:
 
 
 def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
-                              num_inference_steps: int = 50) -> list[torch.Tensor]:
+                              num_inference_steps: int = INFERENCE_STEPS) -> list[torch.Tensor]:
     """[x_0, x_1, ..., x_T]: every latent of `ei2.inversion.ddim_invert` (its result is the last one)."""
     trajectory = [latents]
     ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, callback=lambda i, t, x: trajectory.append(x))
@@ -51,11 +53,11 @@ def null_text_inversion(
     latents: torch.Tensor,
     text_emb: torch.Tensor,
     uncond_emb: torch.Tensor,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    num_inner_steps: int = 10,
-    learning_rate: float = 1e-2,
-    early_stop_epsilon: float = 1e-5,
+    num_inference_steps: int = INFERENCE_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    num_inner_steps: int = NULL_TEXT_INNER_STEPS,
+    learning_rate: float = NULL_TEXT_LEARNING_RATE,
+    early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
     progress: Callable | None = default_progress,
 ) -> NullTextInversion:
     """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D).

@@ -11,8 +11,9 @@
   source's map applied to the target's values", without materialising the (n x m) maps, which for
   FFAM at 512² with 8 frames would not fit in memory.
 
-`attention_control(unet, controller)` installs them on every transformer block of a `VideoUNet` and
-restores the original processors on exit. Same weights, no new parameters.
+`attention_control(unet, controller, injection)` installs them on the transformer blocks of a `VideoUNet`
+(with a structure-preserving `injection`, `ei2.control.injection`, also its ResNet hooks) and restores the
+original processors on exit. Same weights, no new parameters.
 """
 from __future__ import annotations
 
@@ -23,19 +24,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..models.context import VideoContext
+from ..models.frame_attention import attention_output, frame_qkv
 from ..models.video_unet import VideoTransformerBlock, _transformer_levels
 from .controllers import AttentionStore, LayerPlace
+from .injection import FeatureInjection
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:  # (b f) n (h d) -> (b f) h n d
     return rearrange(x, "bf n (h d) -> bf h n d", h=attn.heads)
-
-
-def _output(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    out = attn.to_out[1](attn.to_out[0](rearrange(out, "bf h n d -> bf n (h d)")))
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
 
 
 def _check_plain(attn, hidden_states, attention_mask):
@@ -66,35 +62,35 @@ class ControlledCrossAttention:
         probs = rearrange(scores.softmax(-1), "(b f) h n m -> b f h n m", f=self.context.num_frames)
         probs = self.controller.cross_attention(probs, self.place)
         probs = rearrange(probs, "b f h n m -> (b f) h n m").to(v.dtype)
-        return _output(attn, probs @ v, hidden_states)
+        return attention_output(attn, probs @ v, hidden_states)
 
 
 class ControlledFrameAttention:
-    """attn1 around a frame-attention processor: its `frame_context` keys/values, source maps on the targets."""
+    """attn1 around a frame-attention processor: its `frame_context` keys/values, source maps on the targets.
 
-    def __init__(self, original, controller: AttentionStore, place: LayerPlace, context: VideoContext):
-        self.original, self.controller, self.place, self.context = original, controller, place, context
+    `editors`: one or several objects with `replaces_self(place)` and `replace_self_queries_keys(q, k)` (a
+    Prompt-to-Prompt controller, a `FeatureInjection`); each that acts at this step edits q and k in turn.
+    """
+
+    def __init__(self, original, editors, place: LayerPlace, context: VideoContext):
+        self.original, self.place, self.context = original, place, context
+        self.editors = tuple(editors) if isinstance(editors, (list, tuple)) else (editors,)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         _check_plain(attn, hidden_states, attention_mask)
         if encoder_hidden_states is not None:
             raise ValueError("frame attention is self-attention; it takes no encoder_hidden_states")
         frame_context = getattr(self.original, "frame_context", None)  # None: per-frame self-attention
-        q = _heads(attn, attn.to_q(hidden_states))
-        k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        if frame_context is not None:  # gathered after projection, as the frame-attention processors do
-            k, v = frame_context(torch.cat([k, v], dim=-1)).chunk(2, -1)  # (b f) m c
-        k, v = _heads(attn, k), _heads(attn, v)
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if self.controller.replaces_self(self.place):
+        q, k, v = frame_qkv(attn, hidden_states, frame_context)  # as the frame-attention processors
+        active = [e for e in self.editors if e.replaces_self(self.place)]
+        if active:
             f = self.context.num_frames
-            q, k = self.controller.replace_self_queries_keys(
-                rearrange(q, "(b f) h n d -> b f h n d", f=f), rearrange(k, "(b f) h m d -> b f h m d", f=f)
-            )
+            q, k = rearrange(q, "(b f) h n d -> b f h n d", f=f), rearrange(k, "(b f) h m d -> b f h m d", f=f)
+            for editor in active:
+                q, k = editor.replace_self_queries_keys(q, k)
             q, k = rearrange(q, "b f h n d -> (b f) h n d"), rearrange(k, "b f h m d -> (b f) h m d")
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # as the frame-attention processors
-        return _output(attn, out, hidden_states)
+        return attention_output(attn, out, hidden_states)
 
 
 def transformer_block_places(unet) -> list[tuple[VideoTransformerBlock, LayerPlace]]:
@@ -110,17 +106,29 @@ def transformer_block_places(unet) -> list[tuple[VideoTransformerBlock, LayerPla
 
 
 @contextlib.contextmanager
-def attention_control(unet, controller: AttentionStore):
-    """Install controlled processors on every transformer block of `unet` (a VideoUNet); restore on exit."""
+def attention_control(unet, controller: AttentionStore | None = None, injection: FeatureInjection | None = None):
+    """Install controlled processors on `unet` (a VideoUNet) for a Prompt-to-Prompt `controller` and/or a
+    structure-preserving `injection`; restore the original processors and remove every hook on exit.
+
+    With a controller every block gets controlled frame and cross attention; with an injection alone only
+    the frame attention of the blocks it acts on is wrapped (cross-attention keeps its own processor).
+    """
     originals = []
     try:
         for block, place in transformer_block_places(unet):
             if not isinstance(block, VideoTransformerBlock):
                 raise TypeError(f"{place.name} is not an inflated block; attention control needs a VideoUNet")
+            editors = [e for e in (controller,) if e is not None]
+            if injection is not None and injection.attention_place(place):
+                editors.append(injection)
+            if not editors:
+                continue
             originals.append((block, block.attn1.processor, block.attn2.processor))
-            block.attn1.set_processor(ControlledFrameAttention(block.attn1.processor, controller, place, unet.context))
-            block.attn2.set_processor(ControlledCrossAttention(controller, place, unet.context))
-        yield controller
+            block.attn1.set_processor(ControlledFrameAttention(block.attn1.processor, editors, place, unet.context))
+            if controller is not None:
+                block.attn2.set_processor(ControlledCrossAttention(controller, place, unet.context))
+        with injection.feature_hooks(unet) if injection is not None else contextlib.nullcontext():
+            yield controller
     finally:
         for block, attn1, attn2 in originals:
             block.attn1.set_processor(attn1)

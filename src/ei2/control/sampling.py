@@ -1,8 +1,9 @@
-"""DDIM sampling of the source and target branches together under an attention controller (DESIGN §1.8).
+"""DDIM sampling of the source and target branches together under attention control (DESIGN §1.8, §1.9).
 
-`ei2.inversion.ddim_sample` with the controller's processors installed and its step callback (local
-blending, step counting) run after each step. Batch: `b = p` prompts (source first), `(uncond, cond)`
-halves with classifier-free guidance; the unconditional embedding may change per step (null-text inversion).
+`ei2.inversion.ddim_sample` with the controlled processors installed: a Prompt-to-Prompt controller
+and/or a structure-preserving feature injection; their step callbacks (local blending, step counting)
+run after each step. Batch: `b = p` prompts (source first), `(uncond, cond)` halves with
+classifier-free guidance; the unconditional embedding may change per step (null-text inversion).
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Callable
 
 import torch
 
+from ..defaults import GUIDANCE_SCALE, INFERENCE_STEPS
 from ..inversion import ddim_sample
 from .controllers import AttentionStore
+from .injection import FeatureInjection
 from .processors import attention_control
 
 
@@ -21,31 +24,38 @@ def controlled_sample(
     scheduler,
     latents: torch.Tensor,
     text_emb: torch.Tensor,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = INFERENCE_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
     uncond_emb: torch.Tensor | None = None,
     controller: AttentionStore | None = None,
     progress: Callable | None = None,
     callback: Callable | None = None,
+    injection: FeatureInjection | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) of `latents` (p, c, f, h, w) under `text_emb` (p, L, D), source first.
 
     `uncond_emb`: (1, L, D), or (steps, 1, L, D) from null-text inversion. `controller`: an
-    `AttentionStore` or an edit controller; it is reset, installed for the loop and removed after.
-    `callback(i, t, latents) -> latents | None` runs after the controller's step callback.
+    `AttentionStore` or an edit controller; `injection`: a `FeatureInjection`. Each is reset, installed
+    for the loop and removed after. `callback(i, t, latents) -> latents | None` runs after their step callbacks.
     """
-    if controller is None:
+    if controller is None and injection is None:
         return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
                            progress, callback)
-    if controller.num_prompts != latents.shape[0]:
-        raise ValueError(f"the controller is for {controller.num_prompts} prompts, the latents have batch {latents.shape[0]}")
+    for name, control in (("controller", controller), ("injection", injection)):
+        prompts = getattr(control, "num_prompts", latents.shape[0])
+        if prompts != latents.shape[0]:
+            raise ValueError(f"the {name} is for {prompts} prompts, the latents have batch {latents.shape[0]}")
 
     def step_callback(i, t, x):
-        x = controller.step_callback(i, t, x)
+        for control in (controller, injection):
+            if control is not None:
+                x = control.step_callback(i, t, x)
         replaced = callback(i, t, x) if callback is not None else None
         return x if replaced is None else replaced
 
-    controller.reset()
-    with attention_control(unet, controller):
+    for control in (controller, injection):
+        if control is not None:
+            control.reset()
+    with attention_control(unet, controller, injection):
         return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
                            progress, step_callback)

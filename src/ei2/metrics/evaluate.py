@@ -28,7 +28,7 @@ COLUMNS = {
     "tex_ali": ("Tex-Ali", "{:.2f}"), "tem_con": ("Tem-Con", "{:.4f}"), "frame_acc": ("FrameAcc", "{:.3f}"),
     "warp_err": ("Warp", "{:.2f}"), "warp_err_src": ("WarpSrc", "{:.2f}"), "edit_acc": ("EditAcc", "{:.3f}"),
     "keep_acc": ("KeepAcc", "{:.3f}"), "acc_all": ("AccAll", "{:.3f}"), "centre_err": ("CentreErr", "{:.2f}"),
-    "flicker": ("Flicker", "{:.3f}"),
+    "path_kept": ("Path≤4px", "{:.3f}"), "collapsed": ("Collapsed", "{:.3f}"), "flicker": ("Flicker", "{:.3f}"),
 }
 
 

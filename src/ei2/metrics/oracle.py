@@ -8,7 +8,8 @@ frame. Against the target prompt and the source video:
   the attributes the edit changes, `keep_acc` those it should keep;
 - **structure preservation**: `centre_err`, mean distance in pixels between the edited object's centre
   and the source's centre in the same frame (over frames where an object was found; `found` is
-  their share);
+  their share); `path_kept`, 1 when every frame has an object and the mean distance is within 4 px;
+  `collapsed`, the share of frames that decoded to texture (the oracle reports no object there);
 - **attribute flicker**: share of frames that disagree with the clip's majority value, averaged over
   colour, shape and background (0 for a clip that never changes; no object counts as its own value).
 
@@ -23,6 +24,7 @@ from ..shapes.oracle import Reading, read_frames
 from ..shapes.world import BACKGROUND_NAMES, COLOR_NAMES, SHAPES
 
 ATTRIBUTES = ("color", "shape", "background")
+PATH_PX = 4.0  # an edit keeps the source's path when its mean centre error is within this many pixels
 _VOCAB = {"color": COLOR_NAMES, "shape": SHAPES, "background": BACKGROUND_NAMES}
 
 
@@ -103,6 +105,7 @@ def oracle_metrics(
         src = read_frames(source_frames)
         source_centres = np.where(src.found[:, None], np.stack([src.cx, src.cy], 1), np.nan)
     out["found"] = float(reading.found.mean())
+    out["collapsed"] = float(reading.collapsed.mean())
     if source_centres is not None:
         source_centres = np.asarray(source_centres, dtype=np.float64)
         if source_centres.shape != (len(reading), 2):
@@ -110,5 +113,7 @@ def oracle_metrics(
         dist = np.hypot(reading.cx - source_centres[:, 0], reading.cy - source_centres[:, 1])
         valid = reading.found & np.isfinite(dist)
         out["centre_err"] = float(dist[valid].mean()) if valid.any() else float("nan")
+        # the edit keeps the path: an object in every frame, mean centre error within PATH_PX
+        out["path_kept"] = float(bool(valid.all()) and float(dist.mean()) <= PATH_PX)
     out["flicker"] = float(np.mean([flicker(_values(reading, a)) for a in ATTRIBUTES]))
     return out

@@ -8,6 +8,14 @@ level k of an (h, w) latent is ceil(h / 2^k) x ceil(w / 2^k), odd sizes included
 from __future__ import annotations
 
 
+def level_grid(latent_size: tuple[int, int], level: int) -> tuple[int, int]:
+    """(h, w) of UNet level `level` of an (h, w) latent: diffusers halves each side with ceil at every downsampler."""
+    h, w = latent_size
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
 class VideoContext:
     def __init__(self):
         self.num_frames = 1
@@ -21,9 +29,7 @@ class VideoContext:
         """Spatial grid (h_k, w_k) of UNet level `level`; checked against the token count."""
         if self.latent_size is None:
             raise RuntimeError("VideoContext.grid called outside a VideoUNet forward")
-        h, w = self.latent_size
-        for _ in range(level):
-            h, w = (h + 1) // 2, (w + 1) // 2
+        h, w = level_grid(self.latent_size, level)
         if h * w != num_tokens:
             raise RuntimeError(f"level {level} of a {self.latent_size} latent is {h}x{w}, but got {num_tokens} tokens")
         return h, w

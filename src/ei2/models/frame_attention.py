@@ -25,13 +25,38 @@ from einops import rearrange
 from .context import VideoContext
 
 
+def frame_qkv(attn, hidden_states: torch.Tensor, frame_context=None):
+    """Q of every token and K, V of each frame's key/value tokens, split into heads.
+
+    hidden_states (b f) n c -> q (b f) h n d, k and v (b f) h m d. Every token is projected once; the
+    frame's tokens are then gathered from the projected K and V by `frame_context` (None: the frame itself).
+    """
+    q = attn.to_q(hidden_states)
+    k, v = attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if frame_context is not None:
+        k, v = frame_context(torch.cat([k, v], dim=-1)).chunk(2, -1)
+    q, k, v = (rearrange(t, "bf n (h d) -> bf h n d", h=attn.heads) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def attention_output(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Heads (b f) h n d merged, W_out, then the layer's residual and output rescaling (as diffusers' processors)."""
+    out = attn.to_out[1](attn.to_out[0](rearrange(out, "bf h n d -> bf n (h d)")))
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 class FrameAttentionProcessor:
     """Base: build each frame's key/value tokens, then run diffusers' SDPA attention over them."""
 
     def __init__(self, context: VideoContext, level: int):
         self.context = context
         self.level = level
-        self.attention = AttnProcessor2_0()
 
     def frame_context(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c -> (b f) m c
         """Frame i's key/value tokens, gathered (and pooled) from the tokens of the clip; linear in its input."""
@@ -41,20 +66,17 @@ class FrameAttentionProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"{type(self).__name__} is a self-attention processor; it takes no encoder states or mask")
         if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
-            # not an SD transformer block's attn1: gather hidden states, let diffusers project them
-            return self.attention(attn, hidden_states, encoder_hidden_states=self.frame_context(hidden_states), temb=temb)
-        q = attn.to_q(hidden_states)
-        k, v = self.frame_context(torch.cat([attn.to_k(hidden_states), attn.to_v(hidden_states)], dim=-1)).chunk(2, -1)
-        q, k, v = (rearrange(t, "bf n (h d) -> bf h n d", h=attn.heads) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-        out = attn.to_out[1](attn.to_out[0](rearrange(out, "bf h n d -> bf n (h d)").to(q.dtype)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+            # e.g. the attention of a VAE or UNet mid-block: its group/spatial norm would normalise the
+            # queries but not the gathered keys, which is no frame attention
+            raise ValueError(
+                f"{type(self).__name__} supports the self-attention (attn1) of Stable Diffusion transformer blocks: "
+                "(b f) n c tokens, no group_norm or spatial_norm; this layer has "
+                f"{hidden_states.ndim}-D inputs, group_norm={attn.group_norm is not None}, "
+                f"spatial_norm={attn.spatial_norm is not None}"
+            )
+        q, k, v = frame_qkv(attn, hidden_states, self.frame_context)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).to(q.dtype)
+        return attention_output(attn, out, hidden_states)
 
 
 class SparseCausalAttention(FrameAttentionProcessor):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
+import json
 from dataclasses import dataclass
 
 FRAME_ATTENTIONS = ("self", "sparse-causal", "ffam", "full")
@@ -64,6 +66,11 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["trainable"] = list(self.trainable)
         return d
+
+    def digest(self) -> str:
+        """Identity of the recipe's contents (every field, not only its name: custom recipes are all "custom")."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

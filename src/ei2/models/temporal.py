@@ -38,7 +38,8 @@ class SpectralNormalization(nn.Module):
     counter is the key. So the forward pass and its recomputation under gradient checkpointing use
     the same σ, and σ is converged, not one power-iteration step behind (as
     torch.nn.utils.parametrizations.spectral_norm is in train mode). σ = uᵀWv with the cached singular
-    vectors u, v, so the gradient flows through σ as in spectral normalisation.
+    vectors u, v, so the gradient flows through σ as in spectral normalisation. σ is computed in fp32
+    with autocast off, whatever the caller's mixed precision, so ‖W/σ‖₂ ≤ 1 holds to fp32 accuracy.
     """
 
     def __init__(self, tolerance: float = 1e-5, max_iterations: int = 50):
@@ -68,13 +69,18 @@ class SpectralNormalization(nn.Module):
         return u[:, 0], vh[0]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
-        if key != self._key:
-            self._u, self._v = self._singular_vectors(weight)
-            self._key = key
-        u, v = self._u.to(weight), self._v.to(weight)
-        sigma = torch.dot(u, weight @ v)
-        return weight / sigma
+        # σ (its power iteration and uᵀWv) in fp32 with autocast off: under the caller's fp16/bf16 autocast
+        # the matrix products would be rounded (and on the CPU a bf16 product cannot meet the fp32 u in
+        # torch.dot); the normalised weight is returned in the weight's dtype, autocast casts it where the
+        # linear layer runs
+        with torch.autocast(weight.device.type, enabled=False):
+            key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
+            if key != self._key:
+                self._u, self._v = self._singular_vectors(weight)
+                self._key = key
+            w = weight.float()
+            sigma = torch.dot(self._u.to(w), w @ self._v.to(w))
+            return (w / sigma).to(weight.dtype)
 
 
 def spectral_norm_of(linear: nn.Linear) -> float:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from .temporal import ShiftRestrictedTemporalAttention, TemporalAttention
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
+ADAPTER_FOLDER = "adapter"  # the adapter's folder inside a run folder or a saved pipeline
 
 
 class AdapterMismatchError(ValueError):
@@ -282,6 +285,7 @@ class VideoUNet(nn.Module):
 
     def set_trainable(self) -> list[nn.Parameter]:
         """Freeze everything, then unfreeze the recipe's trainable tensors; returns them."""
+        self._keep_base_values()
         self.requires_grad_(False)
         params = [p for _, p in self.trainable_parameters()]
         for p in params:
@@ -305,11 +309,44 @@ class VideoUNet(nn.Module):
             raise ValueError(f"not a Tune-A-Video UNet of this architecture: {len(missing)} missing tensors "
                              f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
+    # ---- base weights --------------------------------------------------------------------------
+    def _is_temporal(self, name: str) -> bool:
+        return any(name.startswith(prefix) for prefix in self._temporal_prefixes())
+
+    def _temporal_prefixes(self) -> list[str]:
+        return [f"{n}.{m.temporal_name}." for n, m in self.unet.named_modules()
+                if isinstance(m, VideoTransformerBlock) and m.temporal_name]
+
+    def _keep_base_values(self) -> None:
+        """Before pretrained 2D tensors first change (tuning, an adapter), keep their values (CPU) for `base_state_dict`."""
+        if getattr(self, "_base_values", None) is None:
+            prefixes = self._temporal_prefixes()
+            self._base_values = {name: p.detach().to("cpu", copy=True) for name, p in self.trainable_parameters()
+                                 if not any(name.startswith(q) for q in prefixes)}
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The 2D UNet's state dict with its pretrained values: no temporal tensors, tuned 2D tensors as they were
+        before `set_trainable`/`load_adapter` (a base model plus an adapter rebuild this model exactly)."""
+        prefixes = self._temporal_prefixes()
+        state = {k: v for k, v in self.unet.state_dict().items() if not any(k.startswith(q) for q in prefixes)}
+        for name, value in (getattr(self, "_base_values", None) or {}).items():
+            state[name] = value.to(state[name].dtype)
+        return state
+
     # ---- adapters ------------------------------------------------------------------------------
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the tuned tensors (safetensors) and the recipe + base fingerprint (JSON), atomically."""
+        """Write the adapter folder: tuned tensors (safetensors), recipe + base fingerprint (JSON).
+
+        The folder appears whole: it is written as a temporary sibling and renamed into place. An existing
+        adapter folder there is replaced; a folder holding anything else is refused.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists():
+            other = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else [directory.name]
+            if not directory.is_dir() or set(other) - {ADAPTER_WEIGHTS, ADAPTER_CONFIG}:
+                raise FileExistsError(f"{directory} exists and is not an ei2 adapter folder (it holds {', '.join(other)}); "
+                                      "save the adapter into a new folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.trainable_parameters()}
         meta = {
             "format": "ei2-adapter",
@@ -318,16 +355,40 @@ class VideoUNet(nn.Module):
             "base_fingerprint": self.base_fingerprint.to_dict(),
             "tensors": len(tensors),
         }
-        tmp_w, tmp_c = directory / (ADAPTER_WEIGHTS + ".tmp"), directory / (ADAPTER_CONFIG + ".tmp")
-        save_file(tensors, str(tmp_w), metadata={"format": "pt"})
-        tmp_c.write_text(json.dumps(meta, indent=2))
-        tmp_w.replace(directory / ADAPTER_WEIGHTS)
-        tmp_c.replace(directory / ADAPTER_CONFIG)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+            old = None
+            if directory.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
+                old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                if old is not None:  # put the old adapter back: the folder is the old one or the new one
+                    os.replace(old, directory)
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @staticmethod
-    def _read_adapter_meta(directory: str | Path) -> dict:
+    def adapter_folder(directory: str | Path) -> Path:
+        """The adapter folder itself, or the `adapter/` folder of a run or saved-pipeline folder that holds one."""
         directory = Path(directory)
+        if not (directory / ADAPTER_CONFIG).is_file() and (directory / ADAPTER_FOLDER / ADAPTER_CONFIG).is_file():
+            return directory / ADAPTER_FOLDER
+        return directory
+
+    @classmethod
+    def _read_adapter_meta(cls, directory: str | Path) -> dict:
+        directory = cls.adapter_folder(directory)
         path = directory / ADAPTER_CONFIG
         if not path.is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
             raise AdapterMismatchError(
@@ -346,7 +407,11 @@ class VideoUNet(nn.Module):
         return Recipe.from_dict(cls._read_adapter_meta(directory)["recipe"])
 
     def load_adapter(self, directory: str | Path) -> None:
-        """Load tuned tensors; refuses an adapter made for another base model or another recipe."""
+        """Load tuned tensors; refuses an adapter made for another base model or another recipe.
+
+        `directory`: an adapter folder, or a run folder with an `adapter/` folder in it.
+        """
+        directory = self.adapter_folder(directory)
         meta = self._read_adapter_meta(directory)
         recipe = Recipe.from_dict(meta["recipe"])
         if recipe != self.recipe:
@@ -366,6 +431,7 @@ class VideoUNet(nn.Module):
         own = dict(self.trainable_parameters())
         if set(tensors) != set(own):
             raise AdapterMismatchError(f"adapter {directory} holds other tensors than recipe {recipe.name!r} tunes")
+        self._keep_base_values()
         with torch.no_grad():
             for name, value in tensors.items():
                 if value.shape != own[name].shape:

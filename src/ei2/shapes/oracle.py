@@ -9,6 +9,11 @@ Recipe (DESIGN §3), vectorised over a batch of frames:
    opening; its bounding box gives centre and size (= half the box's larger side);
 4. shape from how much of its bounding box the mask fills (square ~1, circle ~0.79,
    triangle/diamond ~0.5) and how much of it lies in the box's upper half (triangle ~0.25, others 0.5).
+5. collapsed frames: a frame that decoded to texture instead of one shape on a flat background reports
+   no object (`found` False, `collapsed` True), so that metrics count it as a failed frame. Texture is
+   any of: a border that is not flat (< 80% of border pixels near the background colour), a foreground
+   larger than 40% of the frame (the largest shape covers 22%), a foreground of many colours (< 50% of
+   it nearest the object's palette colour) or a scattered one (< 60% of it in the object's region).
 
     reading = read_frames(frames)     # frames (n, 64, 64, 3) uint8 -> Reading of arrays shaped (n,)
     reading.color_names()             # ["red", ...]
@@ -22,6 +27,8 @@ import numpy as np
 from .world import BACKGROUND_NAMES, BACKGROUND_RGB, COLOR_NAMES, COLOR_RGB, SHAPES
 
 FOREGROUND_DISTANCE = 60.0
+# collapse (texture) thresholds, step 5 of the recipe
+FLAT_BORDER, MAX_FOREGROUND, MIN_PURITY, MIN_COHERENCE = 0.8, 0.4, 0.5, 0.6
 # (fill of the bounding box, share of the area in the box's upper half) of each shape, in SHAPES order
 SHAPE_FEATURES = np.array([[np.pi / 4, 0.5], [1.0, 0.5], [0.5, 0.25], [0.5, 0.5]], dtype=np.float32)
 FEATURE_SCALE = np.array([0.1, 0.08], dtype=np.float32)
@@ -40,6 +47,7 @@ class Reading:
     found: np.ndarray  # bool
     fill: np.ndarray  # feature values, for diagnostics
     top_share: np.ndarray
+    collapsed: np.ndarray | None = None  # bool: the frame is texture, not a shape (then found is False)
 
     def __len__(self) -> int:
         return len(self.color)
@@ -86,6 +94,8 @@ def read_frames(frames: np.ndarray) -> Reading:
     diff = x - bg[:, None, None, :]
     fg = (diff * diff).sum(-1) > FOREGROUND_DISTANCE ** 2  # (n, h, w)
     found = fg.reshape(n, -1).sum(1) >= 4
+    border_diff = border - bg[:, None, :]
+    flat_border = ((border_diff * border_diff).sum(-1) <= FOREGROUND_DISTANCE ** 2).mean(1)
     pix = x.reshape(n, -1, 3)
     d2 = (pix * pix).sum(-1)[..., None] - 2 * pix @ COLOR_RGB.T + (COLOR_RGB * COLOR_RGB).sum(-1)  # (n, hw, k)
     vote = d2.argmin(-1)  # (n, hw)
@@ -102,6 +112,14 @@ def read_frames(frames: np.ndarray) -> Reading:
     opened = _shift_or(_shift_or(mask, np.logical_and), np.logical_or)
     region = _shift_or(_shift_or(opened, np.logical_or), np.logical_or)
     mask &= region
+    # 5. texture instead of a shape: reported as no object
+    fg_count = np.maximum(fg.reshape(n, -1).sum(1), 1)
+    purity = (chosen & fg.reshape(n, -1)).sum(1) / fg_count
+    coherence = (fg & region).reshape(n, -1).sum(1) / fg_count
+    collapsed = found & ((flat_border < FLAT_BORDER) | (fg_count > MAX_FOREGROUND * h * w)
+                         | (purity < MIN_PURITY) | (coherence < MIN_COHERENCE))
+    found &= ~collapsed
+    mask &= found[:, None, None]
     rows, cols = mask.any(2), mask.any(1)
     found &= rows.any(1)
     top = np.where(found, rows.argmax(1), 0)
@@ -121,7 +139,7 @@ def read_frames(frames: np.ndarray) -> Reading:
     shape = np.argmin((((features[:, None] - SHAPE_FEATURES[None]) / FEATURE_SCALE) ** 2).sum(-1), axis=1)
     return Reading(color=color, shape=shape, background=background, cx=cx.astype(np.float32),
                    cy=cy.astype(np.float32), size=np.maximum(bw, bh) / 2.0, found=found, fill=fill,
-                   top_share=top_share)
+                   top_share=top_share, collapsed=collapsed)
 
 
 def attribute_accuracy(reading: Reading, color, shape, background) -> dict[str, float]:
