@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from ei2.cli import main
-from ei2.demo import samples_dir
+from ei2.demo import SAMPLE, TARGET, samples_dir
+from ei2.metrics.oracle import parse_caption
 from ei2.pipeline import default_model_path
 
 pytestmark = pytest.mark.skipif(not (default_model_path() / "model_index.json").is_file(),
@@ -32,7 +33,7 @@ def _edited(out):
     return frames, read_frames(frames)
 
 
-def test_demo_writes_a_red_circle_and_says_where(demo_run):
+def test_demo_writes_the_target_colour_and_shape_and_says_where(demo_run):
     code, out, printed = demo_run
     assert code == 0
     assert str(out) in printed and "grid.gif" in printed
@@ -41,18 +42,19 @@ def test_demo_writes_a_red_circle_and_says_where(demo_run):
     for name in (edit["mp4"], edit["gif"], "grid.gif", "grid.mp4", "adapter/adapter.safetensors"):
         assert (out / name).is_file(), name
 
-    source = json.loads((samples_dir() / "index.json").read_text())["blue_square_down"]
+    source = json.loads((samples_dir() / "index.json").read_text())[SAMPLE]
+    target = parse_caption(TARGET)
     frames, reading = _edited(out)
     assert frames.shape[0] == source["frames"]
     colors, shapes = reading.color_names(), reading.shape_names()
-    right = sum(c == "red" and s == "circle" for c, s in zip(colors, shapes))
+    right = sum(c == target["color"] and s == target["shape"] for c, s in zip(colors, shapes))
     assert right >= 7, list(zip(colors, shapes))
 
 
 def test_demo_edit_keeps_the_source_trajectory(demo_run):
     code, out, _ = demo_run
     assert code == 0
-    source = json.loads((samples_dir() / "index.json").read_text())["blue_square_down"]
+    source = json.loads((samples_dir() / "index.json").read_text())[SAMPLE]
     _, reading = _edited(out)
     error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
     assert (error <= 4).all(), error.round(1)

@@ -99,6 +99,9 @@ def main(argv=None) -> int:
                              "mean_err": float(err.mean()), "max_err": float(err.max()),
                              "collapsed": int(np.isinf(err).sum()), "edit_acc": m.get("edit_acc"),
                              "keep_acc": m.get("keep_acc"), "edit_s": edit_s, "tune_s": tune_s})
+            if args.out:  # after every video and grid point, so an interrupted run keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
             r = rows[-3:]
             print(f"{video['name']:32s} f={features:.2f} a={attention:.2f} "
                   + " ".join(f"{x['kind'][:3]}:{x['mean_err']:5.1f}px/{x['edit_acc']:.2f}" for x in r)

@@ -45,7 +45,13 @@ class Settings:
     recipe: str | None = option(None, "inflation recipe: ei2, ei2-after-cross, tune-a-video, ... (default: the "
                                       "adapter's, else ei2)")
     adapter: str | None = option(None, "reuse a tuned adapter folder instead of tuning", commands=(EDIT,), path=True)
-    frames: int = option(defaults.FRAMES, "number of frames to sample")
+    frames: int | str = option(defaults.FRAMES, "number of frames to sample, or `all` (longer than --window: "
+                                                "edited in overlapping windows)", metavar="N|all")
+    window: int = option(defaults.WINDOW, "frames per window of a long video: tuning draws one clip of this many "
+                                          "frames per step, inversion and editing run in overlapping windows "
+                                          "merged at every step", metavar="N")
+    anchor_frames: int = option(defaults.ANCHOR_FRAMES, "frames spread over a long video whose coarse tokens every "
+                                                        "window's frame attention also sees (0: none)", metavar="N")
     stride: int = option(1, "take every N-th frame")
     start: int = option(0, "index of the first frame")
     width: int | None = option(None, "frame width, a multiple of 8 (default: the model's size, 512 for SD 1.x)")
@@ -118,10 +124,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def parse_frames(value) -> int | str:
+    """`--frames`: a number, or `all` (every frame of the video)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"'frames' must be an integer, got {value!r} (or \"all\": every frame)")
+    return value
+
+
 def _check_type(name: str, value, kind, where: str):
     """Value of a YAML key, checked against the field type (ints are accepted for floats)."""
     if value is None:
         return None
+    if name.replace("-", "_") == "frames":
+        try:
+            return parse_frames(value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {name!r} must be true or false, got {value!r}")
@@ -220,12 +242,21 @@ def add_arguments(parser, command: str) -> None:
         elif kind is list:
             kwargs.update(action="append", metavar="TEXT")
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _frames_argument if f.name == "frames" else kind
             if f.metadata["choices"]:
                 kwargs["choices"] = f.metadata["choices"]
             if f.metadata["metavar"]:
                 kwargs["metavar"] = f.metadata["metavar"]
         parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _frames_argument(text: str) -> int | str:
+    import argparse
+
+    try:
+        return parse_frames(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of frames or `all`") from None
 
 
 def resolve(command: str, args, config_path: str | None) -> Settings:
@@ -245,7 +276,7 @@ def resolve(command: str, args, config_path: str | None) -> Settings:
 
 
 MODEL_DEFAULTS_FILE = defaults.MODEL_DEFAULTS_FILE
-MODEL_DEFAULT_KEYS = ("frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
+MODEL_DEFAULT_KEYS = ("frames", "window", "anchor_frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
                       "inject_features", "inject_attention", "inject_block",
                       "negative_prompt", "fps")
 

@@ -39,3 +39,12 @@ INJECT_ATTENTION = 0.0
 INJECT_BLOCK = 1
 SD_INJECT_FEATURES = 0.8
 SD_INJECT_ATTENTION = 0.5
+
+# Long videos (DESIGN §1.10): windows of WINDOW frames (the longest clip Tune-A-Video tunes and edits at once, so
+# that 8-24 frame runs are edited whole, exactly as without windows; a model may set its own in its
+# ei2_defaults.json, Shapes: 8), overlapping by half a window; ANCHOR_FRAMES frames spread over the whole video
+# whose coarse tokens every window's FFAM also sees; WINDOW_BATCH windows per UNet call (more: faster on a GPU,
+# more memory; controlled edits run one window per call).
+WINDOW = 24
+ANCHOR_FRAMES = 3
+WINDOW_BATCH = 1

@@ -1,6 +1,6 @@
 """`ei2 demo`: the one-command first run. Edits a bundled Shapes video with the bundled Shapes model.
 
-    ei2 demo            # "a blue square moving down ..." -> "a red circle moving down ...", CPU, ~1 min
+    ei2 demo            # "a red circle moving right ..." -> "a blue square moving right ...", CPU, ~1 min
 
 It is `ei2 edit` with the bundled sample and prompts filled in; the run folder, outputs and errors are
 those of `ei2 edit`.
@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-SAMPLE = "blue_square_down"
+SAMPLE = "red_circle_right"
 # The edit `ei2 demo --sample NAME` makes when no --target-prompt is given: colour and shape swapped, the
 # sample's motion and background kept. The default sample's edit is the one the demo test checks.
 TARGETS = {
@@ -35,8 +35,9 @@ def add_parser(commands, edit_parser: argparse.ArgumentParser) -> None:
     """Register `ei2 demo`; `edit_parser` is the `ei2 edit` parser, through which the demo's edit runs."""
     demo = commands.add_parser(
         "demo", help="edit a bundled sample video with the bundled Shapes model (the first thing to run)",
-        description="Edit the bundled video 'a blue square moving down on a black background' into "
-                    f"'{TARGET}' with the bundled Shapes model, on the CPU in a few minutes.",
+        description="Edit the bundled video 'a red circle moving right on a gray background' into "
+                    f"'{TARGET}' with the bundled Shapes model (its calibrated structure-preserving injection on), "
+                    "on the CPU in about a minute.",
     )
     demo.add_argument("--sample", default=SAMPLE, help="name of a bundled sample (assets/samples/index.json)")
     demo.add_argument("--target-prompt", action="append", help="edit prompt, repeatable (default: the sample's colour and shape swapped, "

@@ -10,6 +10,10 @@ Frames in and out are `(f, h, w, 3)` uint8 (`(b, f, h, w, 3)` for a batch of edi
     pipe.tune(frames, "a man is skiing")
     out = pipe.edit(frames, "a man is skiing", "an astronaut is skiing on the moon")
     out.frames[0]  # (f, h, w, 3) uint8
+
+Long videos (DESIGN §1.10): `pipe.set_windowing(8)` makes tuning draw one clip of 8 frames per step and
+inversion/editing run in overlapping windows of 8 frames merged at every step (`ei2.windows`); a video
+that fits in one window is edited exactly as without windowing.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from .inversion import InversionCache, ddim_invert, ddim_sample, inversion_key, 
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
 from .tuning import TuningConfig, TuningResult, tune
+from .windows import Windowing, WindowedUNet
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -133,6 +138,34 @@ class EI2Pipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.mixed_precision = "fp32"  # "fp32", "fp16" or "bf16": autocast of the UNet, dtype of vae/text encoder
         self.inversion_cache = InversionCache()
+        self.windowing: Windowing | None = None  # None: every video in one piece
+
+    def set_windowing(self, window: int | None = defaults.WINDOW, stride: int | None = None,
+                      anchors: int = defaults.ANCHOR_FRAMES, batch: int = defaults.WINDOW_BATCH) -> None:
+        """Long videos (DESIGN §1.10): windows of `window` frames every `stride` (default window // 2), `anchors`
+        anchor frames seen by every window, `batch` windows per UNet call. `window=None`: no windowing."""
+        self.windowing = None if window is None else Windowing(window, stride, anchors, batch)
+
+    def windowed(self, num_frames: int) -> bool:
+        return self.windowing is not None and self.windowing.applies(num_frames)
+
+    def denoiser(self, num_frames: int):
+        """What inversion and sampling call for a video of `num_frames`: the UNet, or a `WindowedUNet` over it."""
+        self._windows_label = None
+        if not self.windowed(num_frames):
+            return self.unet
+        starts = self.windowing.starts(num_frames)
+        self._windows_label = f"{len(starts)} windows of {self.windowing.window}"
+        return WindowedUNet(self.unet, self.windowing, num_frames, on_window=self._show_window)
+
+    def windowing_key(self, num_frames: int) -> str:
+        """The windowing's part of cache keys ("" when `num_frames` is edited in one piece)."""
+        return self.windowing.key(num_frames) if self.windowed(num_frames) else ""
+
+    def _show_window(self, k: int, n: int) -> None:
+        bar = getattr(self, "_current_bar", None)
+        if bar is not None and hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"window {k}/{n}", refresh=False)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -231,9 +264,11 @@ class EI2Pipeline(DiffusionPipeline):
 
     def _bar(self, desc: str, total: int):
         config = dict(getattr(self, "_progress_bar_config", {}) or {})
-        config.setdefault("desc", desc)
+        label = getattr(self, "_windows_label", None)
+        config.setdefault("desc", f"{desc} ({label})" if label else desc)
         config.setdefault("dynamic_ncols", True)
-        return tqdm(total=total, **config)
+        self._current_bar = tqdm(total=total, **config)
+        return self._current_bar
 
     def _progress_enabled(self) -> bool:
         return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
@@ -304,7 +339,10 @@ class EI2Pipeline(DiffusionPipeline):
     def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> str:
         """Cache key of the DDIM inversion of clean `latents` under `prompt` with this adapter and precision."""
         latents = latents.to(self.unet.device, torch.float32)
-        return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, self.mixed_precision)
+        extra = self.mixed_precision
+        if self.windowed(latents.shape[2]):
+            extra += "|" + self.windowing_key(latents.shape[2])
+        return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, extra)
 
     def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> bool:
         """Whether `invert(latents=latents, prompt=prompt, ...)` would come from the cache."""
@@ -393,7 +431,10 @@ class EI2Pipeline(DiffusionPipeline):
         resume: bool = False,
         callback: Callable[[int, float], None] | None = None,
     ) -> TuningResult:
-        """One-shot tuning of the UNet's recipe tensors on the source video and prompt (DESIGN §1.6)."""
+        """One-shot tuning of the UNet's recipe tensors on the source video and prompt (DESIGN §1.6).
+
+        With a windowing shorter than the video, each step tunes on one clip of `window` consecutive frames
+        drawn from the seeded generator (DESIGN §1.10)."""
         self._check_prompt(source_prompt, "source_prompt")
         if latents is None:
             if frames is None:
@@ -403,6 +444,7 @@ class EI2Pipeline(DiffusionPipeline):
         config = TuningConfig(
             steps=steps, learning_rate=learning_rate, seed=seed, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, mixed_precision=_MIXED[self.mixed_precision],
+            window=self.windowing.window if self.windowed(latents.shape[2]) else None,
         )
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         result = tune(self.unet, noise_scheduler, latents.to(self.unet.device), text.to(self.unet.device), config,
@@ -422,7 +464,7 @@ class EI2Pipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance -> x_T.
 
-        Cached per (video latents, adapter, steps, prompt): editing several prompts inverts once.
+        Cached per (video latents, adapter, steps, prompt, windowing): editing several prompts inverts once.
         """
         if latents is None:
             if frames is None:
@@ -435,7 +477,7 @@ class EI2Pipeline(DiffusionPipeline):
             return cached.to(latents.device)
         text = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
         with self._autocast():
-            inverted = ddim_invert(self.unet, self._ddim(), latents, text, num_inference_steps,
+            inverted = ddim_invert(self.denoiser(latents.shape[2]), self._ddim(), latents, text, num_inference_steps,
                                    progress=lambda total: self._bar("inversion", total))
         inverted = inverted.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
@@ -516,7 +558,8 @@ class EI2Pipeline(DiffusionPipeline):
 
         with self._autocast():
             latents = ddim_sample(
-                self.unet, self._ddim(), latents, text, num_inference_steps, guidance_scale=guidance_scale,
+                self.denoiser(latents.shape[2]), self._ddim(), latents, text, num_inference_steps,
+                guidance_scale=guidance_scale,
                 uncond_emb=uncond, progress=lambda total: self._bar("editing", total), callback=on_step,
                 cross_attention_kwargs=cross_attention_kwargs,
             )

@@ -6,6 +6,10 @@ A run is built in `<out>.partial/` (`Staging`) and renamed to `<out>` when compl
 is either whole or absent. Bad input raises an `EI2Error` (or `AdapterMismatchError`) and leaves no
 run folder; an interrupted tuning keeps its checkpoints in `<out>.partial/` for `resume`.
 
+Under `accelerate launch --num_processes N`, `edit` shares the windows of a long video out among the
+processes (DESIGN §1.10, `ei2.windows`): every process tunes (rank 0's tensors are then broadcast),
+inverts and edits its windows, merged at every step; only rank 0 writes the run folder.
+
 `progress(stage, step, total)` is called as the job advances: stage "load", "tuning", "inversion",
 "null-text inversion", "edit I/N" (one per target prompt) and "write". `say(message)` receives the
 one-line messages the CLI prints. Neither is required. This module imports neither the CLI nor the app.
@@ -60,8 +64,16 @@ def validate(s: cfg.Settings, command: str) -> None:
         v = getattr(s, name)
         if v is not None and (v <= 0 or v % 8):
             raise ConfigError(f"--{name} {v} is not a positive multiple of 8")
-    for name, low in (("frames", 1), ("stride", 1), ("start", 0), ("steps", 0), ("checkpoint_every", 0)):
+    if s.frames != "all" and (isinstance(s.frames, bool) or not isinstance(s.frames, int)):
+        raise ConfigError(f"--frames must be a number of frames or `all`, got {s.frames!r}")
+    if s.window < 2:
+        raise ConfigError(f"--window must be at least 2 frames (a window of {s.window} has no frames to share), "
+                          f"got {s.window}")
+    for name, low in (("frames", 1), ("stride", 1), ("start", 0), ("steps", 0), ("checkpoint_every", 0),
+                      ("anchor_frames", 0)):
         v = getattr(s, name)
+        if v == "all":
+            continue
         if v < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     if not s.lr > 0:
@@ -260,8 +272,12 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
     height = s.height or pipe.default_size
     width = s.width or pipe.default_size
     t = time.perf_counter()
-    video = read_video(s.video, s.frames, s.stride, s.start, (height, width))
+    video = read_video(s.video, None if s.frames == "all" else s.frames, s.stride, s.start, (height, width))
     timings["read_video_s"] = round(time.perf_counter() - t, 3)
+    if video.num_frames < s.window and "window" in getattr(s, "explicit", ()):
+        raise ConfigError(f"video has {video.num_frames} frames; --window {s.window} needs at least {s.window} "
+                          f"(pass a smaller --window, or no --window to edit it in one piece)")
+    pipe.set_windowing(s.window, anchors=s.anchor_frames)
     return pipe, video, (height, width)
 
 
@@ -307,7 +323,15 @@ def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path)
                   "height": size[0], "width": size[1]},
         "model": {"source": settings["model"], "base_fingerprint": str(pipe.unet.base_fingerprint)},
         "recipe": pipe.unet.recipe.to_dict(),
+        "windowing": pipe.windowing.record(video.num_frames),
     }
+
+
+def _frames_phrase(pipe, video) -> str:
+    """"8 frames", or "40 frames (clips of 8)" for a windowed video."""
+    if pipe.windowed(video.num_frames):
+        return f"{video.num_frames} frames (clips of {pipe.windowing.window})"
+    return f"{video.num_frames} frames"
 
 
 def _noop(message: str) -> None:
@@ -332,7 +356,7 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
         progress("load", 1, 1)
     record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
     with Staging(final, s.resume) as staging:
-        say(f"tuning {s.steps} steps on {video.num_frames} frames of {size[1]}x{size[0]} "
+        say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
             f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
         latents = pipe.encode_frames(video.frames)
         _tune(s, pipe, latents, staging, timings, record, progress)
@@ -354,11 +378,29 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     The folder holds `adapter/` (unless reused), `edits/NN-<prompt>.mp4|.gif`, `source.*`, `grid.*` and
     `run.json`; returns it. `s` must have passed `validate(s, "edit")`.
     """
+    import tempfile
+
+    from .windows import init_distributed
+
+    say = say or _noop
+    rank, world, s.device = init_distributed(s.device)
+    scratch = None
+    if rank:  # another process of `accelerate launch`: it computes its windows, rank 0 writes the run
+        scratch = Path(tempfile.mkdtemp(prefix=f"ei2-rank{rank}-"))
+        s.out, s.overwrite, s.resume, s.quiet, say, progress = str(scratch / "run"), True, False, True, _noop, None
+    try:
+        return _edit(s, argv, progress, say, root, world)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, world: int) -> Path:
     import numpy as np
 
     from .video import make_grid, write_gif, write_mp4
+    from .windows import broadcast_parameters
 
-    say = say or _noop
     final = _run_folder(s, cfg.EDIT, root)
     t0 = time.perf_counter()
     timings: dict = {}
@@ -368,6 +410,7 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     if progress is not None:
         progress("load", 1, 1)
     record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
+    record["windowing"]["processes"] = world
     p2p = _check_control(s, pipe)
     fps = s.fps or video.fps
     with Staging(final, s.resume) as staging, _Reporter(pipe, progress) as report:
@@ -378,9 +421,10 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
             record["adapter"] = {"path": str(s.adapter), "hash": pipe.adapter_hash(), "reused": True}
         else:
             if s.steps:
-                say(f"tuning {s.steps} steps on {video.num_frames} frames of {size[1]}x{size[0]} "
+                say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
                     f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
                 _tune(s, pipe, latents, staging, timings, record, progress)
+                broadcast_parameters([p for _, p in pipe.unet.trainable_parameters()])
             pipe.save_adapter(out / "adapter")
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             record["adapter"] = {"path": "adapter", "hash": pipe.adapter_hash(), "reused": False}

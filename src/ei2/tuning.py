@@ -10,6 +10,11 @@ mixed precision fp16/bf16 on GPU and fp32 on CPU (through accelerate).
 Checkpoints (`checkpoint_dir/step-NNNNNN/`, written atomically, the latest kept) hold the trainable
 tensors, the optimizer state, the noise generator and torch RNG states and the spectral-norm singular
 vectors of STAM, so a resumed run produces the same tensors as an uninterrupted one.
+
+Long videos (DESIGN §1.10): with `window` shorter than the video, each step tunes on one clip of `window`
+consecutive frames, its first frame drawn uniformly from the same seeded generator before the noise
+(`b c f h w -> b c window h w`): the same seed gives the same clips, and a resumed run continues them.
+A clip is tuned as a short video of its own (no anchor frames).
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class TuningConfig:
     gradient_checkpointing: bool = True
     checkpoint_every: int = 0  # 0: no checkpoints
     seed: int = 0
+    window: int | None = None  # frames of the clip tuned at each step (None, or >= the video: the whole video)
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -61,6 +67,8 @@ class TuningConfig:
             raise ValueError(f"steps must be 0 or more, got {self.steps}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be at least 1 frame, got {self.window}")
 
 
 @dataclass
@@ -70,6 +78,7 @@ class TuningResult:
     resumed_from: int | None = None
     seconds: float = 0.0  # wall time of the steps run in this call
     seconds_per_step: float | None = None
+    clip_starts: list[int] = field(default_factory=list)  # first frame of each step's clip (this call's steps)
 
 
 def _accelerator(mixed_precision: str, device: torch.device):
@@ -94,13 +103,15 @@ def names_hash(names: list[str]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] + f":{len(names)}"
 
 
-def tuning_identity(unet, latents: torch.Tensor, text_emb: torch.Tensor, names: list[str]) -> dict:
-    """What a checkpoint must match to be resumed: recipe contents, base model, data, trainable names."""
+def tuning_identity(unet, latents: torch.Tensor, text_emb: torch.Tensor, names: list[str],
+                    window: int | None = None) -> dict:
+    """What a checkpoint must match to be resumed: recipe contents, base model, data, trainable names, clip length."""
     return {
         "recipe": unet.recipe.digest(),
         "base_fingerprint": str(unet.base_fingerprint),
         "data": tensor_hash(latents.float(), text_emb.float()),
         "trainable": names_hash(names),
+        "window": window,
     }
 
 
@@ -147,7 +158,9 @@ def tune(
     accelerator = _accelerator(config.mixed_precision, device)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     generator = torch.Generator().manual_seed(config.seed)  # noise and timesteps, drawn on the CPU
-    identity = tuning_identity(unet, latents, text_emb, names)
+    num_frames = latents.shape[2]
+    window = config.window if config.window is not None and config.window < num_frames else None
+    identity = tuning_identity(unet, latents, text_emb, names, window)
     result = TuningResult()
     start = 0
     if resume:
@@ -165,12 +178,17 @@ def tune(
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, config.steps + 1):
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            clip = latents
+            if window is not None:  # one clip of `window` consecutive frames: b c f h w -> b c window h w
+                first = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
+                clip = latents[:, :, first : first + window]
+                result.clip_starts.append(first)
+            noise = torch.randn(clip.shape, generator=generator).to(device, clip.dtype)
+            timesteps = torch.randint(0, num_train_timesteps, (clip.shape[0],), generator=generator).to(device)
+            noisy = noise_scheduler.add_noise(clip, noise, timesteps)
             with accelerator.autocast():
                 prediction = unet(noisy, timesteps, text_emb).sample
-            loss = F.mse_loss(prediction.float(), _target(noise_scheduler, latents, noise, timesteps).float())
+            loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
             value = loss.item()
             if not math.isfinite(value):
                 raise TuningError(
@@ -279,7 +297,7 @@ def _load_checkpoint(checkpoint_dir: Path, unet, names, optimizer, accelerator, 
     except Exception as e:
         raise TuningError(f"--resume: checkpoint {path} is damaged ({e}); delete it to resume from an earlier one") from e
     for key, label in (("recipe", "recipe"), ("base_fingerprint", "base model"), ("data", "video and prompt"),
-                       ("trainable", "trainable tensors")):
+                       ("trainable", "trainable tensors"), ("window", "--window")):
         if meta["identity"].get(key) != identity[key]:
             raise TuningError(
                 f"--resume: checkpoint {path} was made with another {label}; "

@@ -1,7 +1,8 @@
 """Read and write videos as `(f, h, w, 3)` uint8 frames.
 
 Inputs: mp4/mov/webm/mkv/avi (PyAV), gif (Pillow) and folders of image frames. Frames are sampled
-(`start`, `stride`, `num_frames`), then resized to cover `(height, width)` and centre-cropped.
+(`start`, `stride`, `num_frames`) and each kept frame is resized to cover `(height, width)` and
+centre-cropped as it is decoded, so a long video never holds more than its sampled, resized frames.
 Outputs: mp4 (PyAV; libx264 when available, else mpeg4) and gif (Pillow), written atomically
 (temporary file in the same folder, then `os.replace`), and side-by-side grids (source | edits).
 """
@@ -67,18 +68,25 @@ def read_video(
         raise VideoError(f"video not found: {path}")
     needed = None if num_frames is None else start + stride * (num_frames - 1) + 1
 
+    picked: list[np.ndarray] = []
+
+    def take(index: int, image: Image.Image) -> None:
+        """Keep frame `index` when it is sampled, resized now; the decoded full-size image is dropped."""
+        if index >= start and (index - start) % stride == 0 and (needed is None or index < needed):
+            image = resize_and_crop(image, size) if size is not None else image.convert("RGB")
+            picked.append(np.asarray(image, dtype=np.uint8))
+
     if path.is_dir():
-        decoded, fps = _read_folder(path, needed)
+        total, fps = _read_folder(path, needed, take)
     elif path.suffix.lower() in GIF_SUFFIXES:
-        decoded, fps = _read_gif(path, needed)
+        total, fps = _read_gif(path, needed, take)
     elif path.suffix.lower() in CONTAINER_SUFFIXES:
-        decoded, fps = _read_container(path, needed)
+        total, fps = _read_container(path, needed, take)
     else:
         raise VideoError(
             f"{path}: unsupported video type {path.suffix!r}; use one of "
             f"{', '.join(VIDEO_SUFFIXES)} or a folder of {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} frames"
         )
-    total = len(decoded)
     if total == 0:
         raise VideoError(f"{path}: no frames could be decoded (empty or corrupt video)")
     if needed is not None and total < needed:
@@ -90,19 +98,18 @@ def read_video(
         raise VideoError(f"video has {total} frames; {asked} needs at least {needed} ({path})")
     if needed is None and start >= total:
         raise VideoError(f"video has {total} frames; --start {start} is past its end ({path})")
-    picked = decoded[start:needed:stride]
-    frames = [resize_and_crop(im, size) if size is not None else im.convert("RGB") for im in picked]
-    sizes = {im.size for im in frames}
+    sizes = {im.shape[1::-1] for im in picked}
     if len(sizes) > 1:
         raise VideoError(f"{path}: frames have different sizes {sorted(sizes)}; pass --width/--height to resize them")
-    array = np.stack([np.asarray(im, dtype=np.uint8) for im in frames])
+    array = np.stack(picked)
     return Video(array, fps / stride, path, total if needed is None or total > needed else None)
 
 
-def _read_container(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
+def _read_container(path: Path, needed: int | None, take) -> tuple[int, float]:
+    """Decode frames, handing each to `take(index, image)`; returns (frames decoded, fps)."""
     import av
 
-    frames: list[Image.Image] = []
+    count = 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -112,49 +119,51 @@ def _read_container(path: Path, needed: int | None) -> tuple[list[Image.Image], 
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else DEFAULT_FPS
             for frame in container.decode(stream):
-                frames.append(frame.to_image())
-                if needed is not None and len(frames) >= needed:
+                take(count, frame.to_image())
+                count += 1
+                if needed is not None and count >= needed:
                     break
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:  # InvalidDataError, EOF, bad headers
-        if not frames:
+        if not count:
             raise VideoError(f"cannot read video {path}: corrupt or unsupported file ({e})") from e
-    return frames, fps
+    return count, fps
 
 
-def _read_gif(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
-    frames: list[Image.Image] = []
+def _read_gif(path: Path, needed: int | None, take) -> tuple[int, float]:
+    count, duration = 0, 0
     try:
         with Image.open(path) as im:
             duration = im.info.get("duration") or 0
             for frame in ImageSequence.Iterator(im):
-                frames.append(frame.convert("RGB"))
-                if needed is not None and len(frames) >= needed:
+                take(count, frame.convert("RGB"))
+                count += 1
+                if needed is not None and count >= needed:
                     break
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        if not frames:
+        if not count:
             raise VideoError(f"cannot read gif {path}: corrupt or unsupported file ({e})") from e
     fps = 1000.0 / duration if duration else DEFAULT_FPS
-    return frames, fps
+    return count, fps
 
 
 def _natural_key(p: Path):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
 
 
-def _read_folder(path: Path, needed: int | None) -> tuple[list[Image.Image], float]:
+def _read_folder(path: Path, needed: int | None, take) -> tuple[int, float]:
     files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
     if not files:
         raise VideoError(f"folder {path} holds no frames ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images)")
-    frames = []
-    for f in files[:needed]:
+    files = files[:needed]
+    for index, f in enumerate(files):
         try:
             with Image.open(f) as im:
-                frames.append(im.convert("RGB"))
+                take(index, im.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:
             raise VideoError(f"cannot read frame {f}: corrupt or unsupported image ({e})") from e
-    return frames, DEFAULT_FPS  # a folder has no frame rate
+    return len(files), DEFAULT_FPS  # a folder has no frame rate
 
 
 def resize_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -43,6 +43,16 @@ class ControlledEdit:
     prompts: list[str]
 
 
+def _denoiser(pipe, latents: torch.Tensor):
+    """The pipeline's UNet, or its windowed UNet for a long video (DESIGN §1.10; `ei2.windows`)."""
+    return pipe.denoiser(latents.shape[2]) if hasattr(pipe, "denoiser") else pipe.unet
+
+
+def _windowing_key(pipe, latents: torch.Tensor) -> str:
+    key = pipe.windowing_key(latents.shape[2]) if hasattr(pipe, "windowing_key") else ""
+    return f"|{key}" if key else ""
+
+
 def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_steps: int, guidance_scale: float,
                      negative_prompt: str | None = None, num_inner_steps: int = NULL_TEXT_INNER_STEPS,
                      learning_rate: float = NULL_TEXT_LEARNING_RATE,
@@ -54,13 +64,14 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
         pipe.null_text_cache = NullTextCache(getattr(pipe.inversion_cache, "directory", None))
     latents = latents.to(pipe.unet.device, torch.float32)
     key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), num_inference_steps, prompt, guidance_scale,
-                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}")
+                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}{_windowing_key(pipe, latents)}")
     cached = pipe.null_text_cache.get(key) if use_cache else None
     if cached is not None:
         return cached
     with pipe._autocast():
         result = null_text_inversion(
-            pipe.unet, pipe._ddim(), latents, pipe.encode_prompt(prompt), pipe.encode_prompt(negative_prompt or ""),
+            _denoiser(pipe, latents), pipe._ddim(), latents, pipe.encode_prompt(prompt),
+            pipe.encode_prompt(negative_prompt or ""),
             num_inference_steps,
             guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, learning_rate=learning_rate,
             early_stop_epsilon=early_stop_epsilon, progress=lambda total: pipe._bar("null-text inversion", total),
@@ -117,7 +128,7 @@ def controlled_edit(
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
     with pipe._autocast():
         out = controlled_sample(
-            pipe.unet, pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
+            _denoiser(pipe, x_t), pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
             guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
             progress=lambda total: pipe._bar("editing", total), injection=feature_injection,
         )

@@ -4,6 +4,11 @@ The UNet folds frames into the batch once, at entry: `b c f h w -> (b f) c h w`.
 frames (frame attention, temporal modules, video GroupNorm) need `f`, and frame attention needs the
 exact spatial grid of its UNet level: diffusers halves a side with ceil at every downsampler, so
 level k of an (h, w) latent is ceil(h / 2^k) x ceil(w / 2^k), odd sizes included.
+
+Long videos (DESIGN §1.10, `ei2.windows`): the context also carries the anchor frames shared by every
+window. `anchor_mode` is None (no anchors: every layer works as without windows), "record" (a forward
+pass over the anchor frames: FFAM keeps each layer's coarse keys/values in `anchor_tokens`) or "attend"
+(a forward pass over one window: FFAM adds those tokens to every frame's keys/values).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ class VideoContext:
     def __init__(self):
         self.num_frames = 1
         self.latent_size = None  # (h, w) of the UNet input
+        self.anchor_mode: str | None = None  # None, "record" or "attend" (DESIGN §1.10)
+        self.anchor_tokens: dict = {}  # frame-attention processor -> (b, a, m, c) coarse keys/values of the anchors
 
     def set(self, num_frames: int, height: int, width: int) -> None:
         self.num_frames = num_frames

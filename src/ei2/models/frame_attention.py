@@ -14,6 +14,12 @@ weights summing to 1) and avoids projecting each coarse token f-1 times.
   Scores per frame: hw * (hw + (f-1) * ceil(h/s) * ceil(w/s)).
 - `FullFrameAttention`: frame i attends to all tokens of all frames.
 With f = 1 each of them is exactly SA.
+
+Anchor frames (long videos, DESIGN §1.10): when the shared `VideoContext` is in anchor mode, FFAM
+records the coarse keys/values of the anchor frames ("record") or appends them, the same a*m tokens,
+to every frame's keys/values ("attend"): frame i of a window attends to its fine tokens, the coarse
+tokens of the other frames of its window and the coarse tokens of the anchors. No new weights; without
+anchor mode FFAM is exactly as above.
 """
 from __future__ import annotations
 
@@ -100,7 +106,8 @@ class FineCoarseFrameAttention(FrameAttentionProcessor):
 
     def frame_context(self, hidden_states):
         f = self.context.num_frames
-        if f == 1:
+        anchors = self.context.anchor_mode
+        if f == 1 and anchors is None:
             return hidden_states
         h, w = self.context.grid(self.level, hidden_states.shape[1])
         s = self.coarse_factor
@@ -112,7 +119,14 @@ class FineCoarseFrameAttention(FrameAttentionProcessor):
         j = torch.arange(f - 1, device=fine.device)
         others = j + (j >= torch.arange(f, device=fine.device)[:, None])  # f (f-1): row i is every frame but i
         coarse_others = rearrange(coarse[:, others], "b f g m c -> b f (g m) c")
-        return rearrange(torch.cat([fine, coarse_others], dim=2), "b f m c -> (b f) m c")
+        tokens = [fine, coarse_others]
+        if anchors == "record":  # this pass runs on the anchor frames: keep their coarse keys/values, b a m c
+            self.context.anchor_tokens[self] = coarse
+        elif anchors == "attend":  # every frame of the window also sees the anchors' coarse tokens
+            shared = self.context.anchor_tokens[self]  # b' a m c, b' = b or b / (windows stacked in the batch)
+            shared = rearrange(shared, "b a m c -> b (a m) c").repeat(fine.shape[0] // shared.shape[0], 1, 1)
+            tokens.append(shared[:, None].expand(-1, f, -1, -1))  # b f (a m) c
+        return rearrange(torch.cat(tokens, dim=2), "b f m c -> (b f) m c")
 
 
 class FullFrameAttention(FrameAttentionProcessor):

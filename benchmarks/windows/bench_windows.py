@@ -1,0 +1,202 @@
+"""Long videos (DESIGN §1.10, issue 13): memory/time of `ei2 edit` against the number of frames, and seams.
+
+    OMP_NUM_THREADS=1 python benchmarks/windows/bench_windows.py memory --frames 8 16 32 64 128
+    OMP_NUM_THREADS=1 python benchmarks/windows/bench_windows.py seams --frames 48
+
+`memory`: for each frame count, a Shapes video (a red circle moving right and back, 64x64) is edited by
+`ei2 edit --window 8` in a fresh process; its peak RSS (ru_maxrss) and the stage timings of run.json
+are recorded (`results/memory.json`).
+
+`seams`: a Shapes video of `--frames` frames whose circle crosses the frame and back on a zig-zag path
+is tuned once (clips of 8), then edited to another colour three ways: windows of 8 merged at every step
+(with and without anchor frames), and the naive split (consecutive chunks of 8 frames edited as
+independent videos with the same adapter). The oracle reads every edited frame back:
+- centre error: |oracle centre - true centre| per frame (pixels), as for short videos;
+- jump: the edited object's frame-to-frame motion minus the true motion, |Δc_edit - Δc_true| (pixels),
+  at the naive split's chunk boundaries (frames 7|8, 15|16, ...) against inside the chunks, and at the
+  merged windows' edges (every 4 frames) against elsewhere;
+- pixel jump: mean |frame_{i+1} - frame_i| of the edit minus that of the source (a warp-error proxy
+  with the true motion: the source moves the same way), at boundaries against inside.
+Results go to `results/seams-<frames>.json` (and a grid, `seams-<frames>.gif`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def scene_video(num_frames: int, zigzag_turns: int = 1, color: str = "red", shape: str = "circle",
+                background: str = "gray"):
+    """(frames (f, 64, 64, 3) uint8, true centres (f, 2)): the shape goes right and left across the frame."""
+    from ei2.shapes.world import BACKGROUND_NAMES, COLOR_NAMES, RESOLUTION, SHAPES, Scenes, render
+
+    size = 9.0
+    lo, hi = size + 3, RESOLUTION - size - 3
+    t = np.linspace(0.0, 1.0, num_frames)
+    phase = (t * (2 * zigzag_turns)) % 2
+    cx = lo + (hi - lo) * np.where(phase < 1, phase, 2 - phase)
+    cy = RESOLUTION / 2 + 10 * np.sin(2 * np.pi * t)
+    scenes = Scenes(color=COLOR_NAMES.index(color), shape=SHAPES.index(shape),
+                    background=BACKGROUND_NAMES.index(background), cx=cx, cy=cy, size=size)
+    return render(scenes), np.stack([cx, cy], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def memory_one(num_frames: int, out: Path, steps: int, inference_steps: int) -> dict:
+    """Run in a fresh process: `ei2 edit` of a num_frames video, window 8; peak RSS of this process."""
+    import resource
+
+    from ei2.cli import main
+    from ei2.video import write_mp4
+
+    frames, _ = scene_video(num_frames)
+    video = out / f"video-{num_frames}.mp4"
+    write_mp4(frames, video, fps=8)
+    run = out / f"run-{num_frames}"
+    t = time.perf_counter()
+    code = main(["edit", str(video), "--source-prompt", "a red circle on a gray background",
+                 "--target-prompt", "a blue circle on a gray background", "--frames", "all", "--window", "8",
+                 "--steps", str(steps), "--inference-steps", str(inference_steps), "--device", "cpu", "--quiet",
+                 "--out", str(run), "--overwrite"])
+    wall = time.perf_counter() - t
+    if code:
+        raise SystemExit(code)
+    record = json.loads((run / "run.json").read_text())
+    timings = record["timings"]
+    invert_edit = timings["invert_s"] + sum(timings["edit_s"])
+    return {"frames": num_frames, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "wall_s": round(wall, 2), "tune_s": timings.get("tune_s"), "invert_edit_s": round(invert_edit, 2),
+            "invert_edit_s_per_frame": round(invert_edit / num_frames, 4),
+            "windows": record["windowing"]["windows"], "windowed": record["windowing"]["windowed"]}
+
+
+def memory(args) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in args.frames:
+            command = [sys.executable, __file__, "_memory_one", str(f), tmp, str(args.steps), str(args.inference_steps)]
+            result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if result.returncode:
+                raise SystemExit(result.stderr[-2000:])
+            row = json.loads(result.stdout.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "memory.json").write_text(json.dumps({"steps": args.steps, "inference_steps": args.inference_steps,
+                                                     "rows": rows}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- seams
+def _jumps(centres: np.ndarray, truth: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """|Δc_edit - Δc_true| between frames i and i + 1 (nan where the oracle found no object)."""
+    d = np.linalg.norm(np.diff(centres, axis=0) - np.diff(truth, axis=0), axis=1)
+    d[~(found[1:] & found[:-1])] = np.nan
+    return d
+
+
+def _split(values: np.ndarray, boundary: np.ndarray) -> dict:
+    return {"boundary": round(float(np.nanmean(values[boundary])), 3),
+            "inside": round(float(np.nanmean(values[~boundary])), 3)}
+
+
+def seams(args) -> None:
+    import torch
+
+    from ei2.pipeline import EI2Pipeline
+    from ei2.shapes.oracle import read_frames
+    from ei2.shapes.world import COLOR_NAMES
+
+    torch.set_num_threads(1)
+    f, w = args.frames, args.window
+    frames, truth = scene_video(f, zigzag_turns=args.turns)
+    source, target = "a red circle on a gray background", "a blue circle on a gray background"
+    pipe = EI2Pipeline.from_pretrained(device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_windowing(w)
+    t = time.perf_counter()
+    pipe.tune(frames, source, steps=args.steps, learning_rate=args.lr, seed=0)
+    tune_s = time.perf_counter() - t
+    kwargs = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
+    edits, seconds = {}, {}
+    for name, anchors in (("merged windows", 3), ("merged windows, no anchors", 0)):
+        pipe.set_windowing(w, anchors=anchors)
+        t = time.perf_counter()
+        edits[name] = pipe.edit(frames, source, target, **kwargs).frames[0]
+        seconds[name] = round(time.perf_counter() - t, 1)
+    pipe.set_windowing(None)
+    t = time.perf_counter()
+    edits["naive split"] = np.concatenate([pipe.edit(frames[s : s + w], source, target, **kwargs).frames[0]
+                                           for s in range(0, f, w)])
+    seconds["naive split"] = round(time.perf_counter() - t, 1)
+
+    pairs = np.arange(f - 1)  # pair i: frames i | i + 1
+    chunk_edges = (pairs + 1) % w == 0
+    window_edges = (pairs + 1) % (w // 2) == 0
+    source_pixel_jump = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+    blue = COLOR_NAMES.index("blue")
+    results = {}
+    for name, video in edits.items():
+        reading = read_frames(video)
+        centres = np.stack([reading.cx, reading.cy], axis=1)
+        error = np.linalg.norm(centres - truth, axis=1)
+        error[~reading.found] = np.nan
+        jumps = _jumps(centres, truth, reading.found)
+        pixel = np.abs(np.abs(np.diff(video.astype(np.float32), axis=0)).mean(axis=(1, 2, 3)) - source_pixel_jump)
+        results[name] = {
+            "seconds": seconds[name],
+            "found": round(float(reading.found.mean()), 3),
+            "target_colour": round(float((reading.color[reading.found] == blue).mean()), 3) if reading.found.any() else 0,
+            "centre_error_px": round(float(np.nanmean(error)), 3),
+            "centre_error_per_frame": [None if np.isnan(e) else round(float(e), 2) for e in error],
+            "jump_px_at_chunk_edges": _split(jumps, chunk_edges),
+            "jump_px_at_window_edges": _split(jumps, window_edges),
+            "pixel_jump_at_chunk_edges": _split(pixel, chunk_edges),
+            "pixel_jump_at_window_edges": _split(pixel, window_edges),
+        }
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "centre_error_per_frame"}), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from ei2.video import make_grid, write_gif
+
+    write_gif(make_grid([frames, *edits.values()], ["source", *edits]), RESULTS / f"seams-{f}.gif", fps=8)
+    (RESULTS / f"seams-{f}.json").write_text(json.dumps(
+        {"frames": f, "window": w, "turns": args.turns, "steps": args.steps, "inference_steps": args.inference_steps,
+         "guidance": args.guidance, "tune_s": round(tune_s, 1), "results": results}, indent=2) + "\n")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_memory_one":
+        f, out, steps, inference_steps = int(argv[1]), Path(argv[2]), int(argv[3]), int(argv[4])
+        print(json.dumps(memory_one(f, out, steps, inference_steps)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    m.add_argument("--steps", type=int, default=4)
+    m.add_argument("--inference-steps", type=int, default=10)
+    s = sub.add_parser("seams")
+    s.add_argument("--frames", type=int, default=48)
+    s.add_argument("--window", type=int, default=8)
+    s.add_argument("--turns", type=int, default=1, help="times the shape crosses the frame and back")
+    s.add_argument("--steps", type=int, default=50)  # the Shapes benchmark's settings (benchmarks/shapes/spec.yaml)
+    s.add_argument("--lr", type=float, default=3e-4)
+    s.add_argument("--inference-steps", type=int, default=15)
+    s.add_argument("--guidance", type=float, default=7.5)
+    args = parser.parse_args(argv)
+    {"memory": memory, "seams": seams}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
