@@ -187,7 +187,7 @@ def test_shapes_red_circle_right_into_a_blue_circle_keeps_the_path(tmp_path, mon
     assert code == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["settings"]["inject_features"] > 0  # the Shapes default turned it on
-    edited = read_video(tmp_path / "run" / "edits" / "01-a-blue-circle-moving-right-on-a-gray-backgr.gif", 8).frames
+    edited = read_video(tmp_path / "run" / run["outputs"]["edits"][0]["gif"]).frames
     reading = read_frames(edited)
     error = np.hypot(reading.cx - np.array(sample["cx"]), reading.cy - np.array(sample["cy"]))
     print("centre error per frame (px):", np.round(error, 2), reading.color_names())
