@@ -190,6 +190,7 @@ def test_two_pages_submitting_at_once_both_finish_one_after_the_other(server, br
     pages = [_open(browser, server) for _ in range(2)]
     for page, target in zip(pages, ("a red circle moving down on a black background",
                                     "a green square moving down on a black background")):
+        _pick_sample(page, "blue square down")  # a sample no other test tunes, so no adapter exists yet
         _tiny(page, target)
     for page in pages:
         page.locator("#ei2-run").click()

@@ -35,9 +35,12 @@ NOTES = """- Latent scale. The first UNet run used Stable Diffusion's 0.18215 by
   from 92.5% to 99.5%; it did not change how edits keep an object's path (next note).
 - Editing. DDIM-inverted noise of these flat images carries the object's position only weakly, and the
   cross-attention maps of single words are spread over the whole frame (the causal text encoder puts every
-  word into the later tokens), so an edit keeps the source's path well on some videos and redraws the
+  word into the later tokens), so a plain edit keeps the source's path on some videos and redraws the
   object elsewhere on others (`assets/samples/red_circle_right.mp4` into a blue square: ~20 px off).
-  Measured per sample in benchmarks/shapes/RESULTS.md; `ei2 demo` uses a sample whose edit keeps the path.
+  Structure-preserving injection (the source's decoder features and frame-attention queries/keys for the
+  first half of the steps), on by default through `ei2_defaults.json`, keeps that edit within 3.5 px in
+  every frame. Background edits still often move the object, and some frames decode to texture (the oracle
+  counts them as failed frames). Measured in benchmarks/shapes/RESULTS.md and benchmarks/injection/RESULTS.md.
 """
 BARS = {"vae_psnr": 30.0, "clip": 0.95, "t2i_color": 0.95, "t2i_shape": 0.90, "t2i_background": 0.95}
 
