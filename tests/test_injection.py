@@ -195,6 +195,31 @@ def test_shapes_red_circle_right_into_a_blue_circle_keeps_the_path(tmp_path, mon
     assert sum(c == "blue" for c in reading.color_names()) >= 7
 
 
+def test_shapes_default_injection_applies_to_plain_edits_not_to_p2p(tmp_path):
+    """The Shapes model's `inject_*` defaults turn injection on for a plain edit; with --p2p they stay off
+    unless given (measured: injection on top of P2P + local blend collapsed a frame of the colour swap)."""
+    from types import SimpleNamespace
+
+    from ei2 import config as cfg
+    from ei2.pipeline import default_model_path
+
+    def settings(**given):
+        args = SimpleNamespace(**{f.name: None for f in cfg.fields_for(cfg.EDIT)})
+        for k, v in given.items():
+            setattr(args, k, v)
+        return cfg.resolve(cfg.EDIT, args, None)
+
+    plain = settings()
+    cfg.apply_model_defaults(plain, default_model_path(), cfg.EDIT)
+    assert (plain.inject_features, plain.inject_attention) == (0.5, 0.5)
+    p2p = settings(p2p="replace")
+    cfg.apply_model_defaults(p2p, default_model_path(), cfg.EDIT)
+    assert (p2p.inject_features, p2p.inject_attention) == (0.0, 0.0) and p2p.steps == 100  # others still apply
+    both = settings(p2p="replace", inject_features=0.3)
+    cfg.apply_model_defaults(both, default_model_path(), cfg.EDIT)
+    assert (both.inject_features, both.inject_attention) == (0.3, 0.0)
+
+
 def test_oracle_reports_texture_frames_as_no_object():
     """A collapsed frame (texture instead of a shape) is no object; fresh renders of every kind are still read."""
     from ei2.shapes.oracle import read_frames

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ei2.metrics.clip import ClipScorer, clip_metrics, frame_accuracy, temporal_consistency, textual_alignment
-from ei2.metrics.flow import optical_flow, warp_error
+from ei2.metrics.clip import (ClipScorer, clip_metrics, frame_accuracy, temporal_consistencies, temporal_consistency,
+                              textual_alignment)
+from ei2.metrics.flow import optical_flow, warp_error, warp_errors
 from ei2.metrics.oracle import flicker, is_shapes_caption, oracle_metrics, parse_caption
 from ei2.shapes.world import BACKGROUND_NAMES, COLOR_NAMES, SHAPES, render, video_scenes
 
@@ -27,6 +28,16 @@ def test_clip_formulas_match_hand_computed_cosines():
     angle = torch.tensor([[1.0, 0.0], [math.cos(0.3), math.sin(0.3)]])
     assert temporal_consistency(angle) == pytest.approx(math.cos(0.3), abs=1e-6)
 
+
+def test_per_pair_temporal_consistency_means_to_tem_con():
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [math.cos(0.3), math.sin(0.3)]])
+    pairs = temporal_consistencies(images)
+    assert pairs.shape == (3,)
+    assert pairs.tolist() == pytest.approx([0.0, 0.0, math.cos(0.3)], abs=1e-6)  # pair i: frames i, i + 1
+    random = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
+    assert float(temporal_consistencies(random).mean()) == pytest.approx(temporal_consistency(random), abs=1e-7)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        temporal_consistencies(images[:1])
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
@@ -112,6 +123,16 @@ def test_warp_error_with_source_flow():
     with pytest.raises(ValueError, match="same shape"):
         warp_error(video, video[:3])
 
+
+def test_per_pair_warp_errors_mean_to_the_warp_error():
+    source = render(video_scenes("right", 6, seed=0))
+    video = source.copy()
+    video[3] = render(video_scenes("right", 6, color=COLOR_NAMES.index("blue"), seed=0))[3]  # frame 3 turns blue
+    pairs = warp_errors(video)  # pair i: frames i, i + 1
+    assert pairs.shape == (5,) and np.isfinite(pairs).all()
+    assert float(pairs.mean()) == pytest.approx(warp_error(video), rel=1e-6)
+    assert min(pairs[2], pairs[3]) > 5 * max(pairs[0], pairs[1], pairs[4])  # only 2|3 and 3|4 change colour
+    assert float(warp_errors(video, source).mean()) == pytest.approx(warp_error(video, source), rel=1e-6)
 
 # ---------------------------------------------------------------------------------------------- oracle
 def _scenes(color="red", shape="circle", background="gray", motion="right", frames=8):

@@ -16,8 +16,17 @@ independent videos with the same adapter). The oracle reads every edited frame b
   at the naive split's chunk boundaries (frames 7|8, 15|16, ...) against inside the chunks, and at the
   merged windows' edges (every 4 frames) against elsewhere;
 - pixel jump: mean |frame_{i+1} - frame_i| of the edit minus that of the source (a warp-error proxy
-  with the true motion: the source moves the same way), at boundaries against inside.
-Results go to `results/seams-<frames>.json` (and a grid, `seams-<frames>.gif`).
+  with the true motion: the source moves the same way), at boundaries against inside;
+- Tem-Con and warp error per pair (`ei2.metrics.clip.temporal_consistencies` with the bundled Shapes CLIP,
+  `ei2.metrics.flow.warp_errors` with the edit's own flow, and with the source's flow), averaged over the
+  boundary pairs against the inside pairs, with two definitions of "boundary" (`seam_boundaries`):
+  window edges, pairs (i, i + 1) where the set of merged windows holding frame i differs from the set
+  holding frame i + 1 (every stride = 4 frames at window 8), and chunk edges, pairs where frame i + 1
+  starts a chunk of the naive split (every 8 frames). Each variant's own boundary (`own_boundary`) is
+  the window edges for merged windows and the chunk edges for the naive split. The source video is
+  scored the same way (`source_reference`).
+Results go to `results/seams-<frames>.json` (and a grid, `seams-<frames>.gif`). Threads: OMP_NUM_THREADS
+(default 1).
 """
 from __future__ import annotations
 
@@ -105,9 +114,53 @@ def _jumps(centres: np.ndarray, truth: np.ndarray, found: np.ndarray) -> np.ndar
     return d
 
 
-def _split(values: np.ndarray, boundary: np.ndarray) -> dict:
-    return {"boundary": round(float(np.nanmean(values[boundary])), 3),
-            "inside": round(float(np.nanmean(values[~boundary])), 3)}
+def _split(values: np.ndarray, boundary: np.ndarray, digits: int = 3) -> dict:
+    return {"boundary": round(float(np.nanmean(values[boundary])), digits),
+            "inside": round(float(np.nanmean(values[~boundary])), digits)}
+
+
+def seam_boundaries(num_frames: int, window: int, stride: int | None = None) -> dict[str, np.ndarray]:
+    """Boolean masks over the pairs (i, i + 1), i = 0..f-2, of the two kinds of boundary:
+
+    - "window": the set of merged windows (`ei2.windows.window_starts`) holding frame i differs from the
+      set holding frame i + 1, i.e. a window starts at i + 1 or ends at i;
+    - "chunk": frame i + 1 starts a chunk of the naive split (chunks of `window` frames from frame 0), so
+      frames i and i + 1 were edited as different videos.
+    """
+    from ei2.windows import window_starts
+
+    starts = window_starts(num_frames, window, stride)
+    holding = [frozenset(k for k, s in enumerate(starts) if s <= i < s + window) for i in range(num_frames)]
+    pairs = np.arange(num_frames - 1)
+    return {"window": np.array([holding[i] != holding[i + 1] for i in pairs], dtype=bool),
+            "chunk": (pairs + 1) % window == 0}
+
+
+def pair_metrics(video: np.ndarray, source: np.ndarray, scorer) -> dict[str, np.ndarray]:
+    """Per consecutive pair (f - 1,): Tem-Con (CLIP cosine), warp error with the video's own flow and with
+    the source's flow (`ei2.metrics`)."""
+    from ei2.metrics.clip import temporal_consistencies
+    from ei2.metrics.flow import warp_errors
+
+    return {"tem_con": temporal_consistencies(scorer.embed_images(video)).numpy().astype(np.float64),
+            "warp_err": warp_errors(video), "warp_err_src": warp_errors(video, source)}
+
+
+def pair_splits(pairs: dict[str, np.ndarray], boundaries: dict[str, np.ndarray], own: str | None = None) -> dict:
+    """Whole-video means, boundary / inside means for both kinds of boundary, and the per-pair values."""
+    out, own_split = {}, {"kind": own}
+    for metric, values in pairs.items():
+        digits = 4 if metric == "tem_con" else 3
+        out[metric] = round(float(np.nanmean(values)), digits)
+        for kind, mask in boundaries.items():
+            out[f"{metric}_at_{kind}_edges"] = _split(values, mask, digits)
+        if own is not None:
+            own_split[metric] = _split(values, boundaries[own], digits)
+    if own is not None:
+        out["own_boundary"] = own_split
+    for metric, values in pairs.items():
+        out[f"{metric}_per_pair"] = [None if np.isnan(v) else round(float(v), 4) for v in values]
+    return out
 
 
 def seams(args) -> None:
@@ -117,7 +170,9 @@ def seams(args) -> None:
     from ei2.shapes.oracle import read_frames
     from ei2.shapes.world import COLOR_NAMES
 
-    torch.set_num_threads(1)
+    from ei2.metrics.clip import ClipScorer
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
     f, w = args.frames, args.window
     frames, truth = scene_video(f, zigzag_turns=args.turns)
     source, target = "a red circle on a gray background", "a blue circle on a gray background"
@@ -140,9 +195,10 @@ def seams(args) -> None:
                                            for s in range(0, f, w)])
     seconds["naive split"] = round(time.perf_counter() - t, 1)
 
-    pairs = np.arange(f - 1)  # pair i: frames i | i + 1
-    chunk_edges = (pairs + 1) % w == 0
-    window_edges = (pairs + 1) % (w // 2) == 0
+    boundaries = seam_boundaries(f, w)  # over the pairs i: frames i | i + 1
+    chunk_edges, window_edges = boundaries["chunk"], boundaries["window"]
+    scorer = ClipScorer(args.clip_model)
+    source_reference = pair_splits(pair_metrics(frames, frames, scorer), boundaries)
     source_pixel_jump = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
     blue = COLOR_NAMES.index("blue")
     results = {}
@@ -163,15 +219,22 @@ def seams(args) -> None:
             "jump_px_at_window_edges": _split(jumps, window_edges),
             "pixel_jump_at_chunk_edges": _split(pixel, chunk_edges),
             "pixel_jump_at_window_edges": _split(pixel, window_edges),
+            **pair_splits(pair_metrics(video, frames, scorer), boundaries,
+                          own="chunk" if name == "naive split" else "window"),
         }
-        print(name, json.dumps({k: v for k, v in results[name].items() if k != "centre_error_per_frame"}), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        print(name, json.dumps({k: v for k, v in results[name].items() if not k.endswith(("_per_frame", "_per_pair"))}),
+              flush=True)
+    print("source", json.dumps({k: v for k, v in source_reference.items() if not k.endswith("_per_pair")}), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     from ei2.video import make_grid, write_gif
 
-    write_gif(make_grid([frames, *edits.values()], ["source", *edits]), RESULTS / f"seams-{f}.gif", fps=8)
-    (RESULTS / f"seams-{f}.json").write_text(json.dumps(
+    write_gif(make_grid([frames, *edits.values()], ["source", *edits]), args.out / f"seams-{f}.gif", fps=8)
+    (args.out / f"seams-{f}.json").write_text(json.dumps(
         {"frames": f, "window": w, "turns": args.turns, "steps": args.steps, "inference_steps": args.inference_steps,
-         "guidance": args.guidance, "tune_s": round(tune_s, 1), "results": results}, indent=2) + "\n")
+         "guidance": args.guidance, "tune_s": round(tune_s, 1), "clip_model": scorer.source,
+         "threads": torch.get_num_threads(),
+         "boundary_pairs": {kind: [int(i) for i in np.flatnonzero(mask)] for kind, mask in boundaries.items()},
+         "results": results, "source_reference": source_reference}, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
@@ -194,6 +257,8 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=3e-4)
     s.add_argument("--inference-steps", type=int, default=15)
     s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--clip-model", default=None, help="CLIP for Tem-Con (default: the bundled Shapes CLIP)")
+    s.add_argument("--out", type=Path, default=RESULTS, help="folder for seams-<frames>.json/.gif")
     args = parser.parse_args(argv)
     {"memory": memory, "seams": seams}[args.command](args)
 

@@ -286,6 +286,10 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
 
     A model folder may hold e.g. `{"steps": 100, "inference_steps": 25}`; those values replace the
     generic defaults of options the user did not set. Returns the values applied.
+
+    The model's injection fractions (`inject_*`) apply to plain edits only: with `--p2p` the source branch's
+    attention maps and local blending already hold the layout, and injecting on top of them collapsed a frame
+    of the Shapes P2P colour swap (`benchmarks/injection/RESULTS.md`); `--inject-*` given with `--p2p` apply.
     """
     import json
 
@@ -307,6 +311,8 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
         if name not in MODEL_DEFAULT_KEYS:
             raise ConfigError(f"{path}: {key!r} cannot be a model default; allowed: {', '.join(MODEL_DEFAULT_KEYS)}")
         if name not in known or name in getattr(settings, "explicit", ()):
+            continue
+        if name.startswith("inject_") and getattr(settings, "p2p", None):
             continue
         value = _check_type(key, value, _base_type(known[name]), str(path))
         setattr(settings, name, value)

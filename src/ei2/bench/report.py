@@ -113,6 +113,7 @@ ABLATIONS = (  # (question, recipe a, recipe b): each row of the ablation table 
     ("tuned vs untuned", "ei2", "untuned"),
     ("injection on vs off, EI²", "ei2+inject", "ei2"),
     ("injection on vs off, Tune-A-Video", "tune-a-video+inject", "tune-a-video"),
+    ("injection on vs off, EI² at the Shapes defaults", "ei2-shapes-defaults+inject", "ei2-shapes-defaults"),
 )
 
 

@@ -2,7 +2,7 @@
 
 - Textual alignment, **Tex-Ali** = 100 · mean_i cos(E_img(x_i), E_txt(target)).
 - Temporal consistency, **Tem-Con** = mean_i cos(E_img(x_i), E_img(x_{i+1})), in [-1, 1]
-  (1.0 for a still video).
+  (1.0 for a still video); `temporal_consistencies` gives the cosine of each pair.
 - **Frame accuracy** = share of frames i with cos(x_i, target) > cos(x_i, source).
 
 The embeddings are CLIP's projected, L2-normalised image and text features. The default model is
@@ -43,12 +43,17 @@ def textual_alignment(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
     return float(100.0 * (_normalise(image_emb) @ _normalise(text_emb.reshape(-1))).mean())
 
 
-def temporal_consistency(image_emb: torch.Tensor) -> float:
-    """Tem-Con: mean cosine of consecutive frame embeddings (f, d); needs f >= 2."""
+def temporal_consistencies(image_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine of each consecutive pair of frame embeddings (f, d) -> (f - 1,): pair i is frames i, i + 1."""
     if image_emb.shape[0] < 2:
         raise ValueError("temporal consistency needs at least 2 frames")
     e = _normalise(image_emb)
-    return float((e[:-1] * e[1:]).sum(-1).mean())
+    return (e[:-1] * e[1:]).sum(-1)
+
+
+def temporal_consistency(image_emb: torch.Tensor) -> float:
+    """Tem-Con: mean cosine of consecutive frame embeddings (f, d); needs f >= 2."""
+    return float(temporal_consistencies(image_emb).mean())
 
 
 def frame_accuracy(image_emb: torch.Tensor, target_emb: torch.Tensor, source_emb: torch.Tensor) -> float:
