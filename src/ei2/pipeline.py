@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import EI2Error, ModelError
+from .files import replace_folder
 from .inversion import InversionCache, ddim_invert, ddim_sample, inversion_key, tensor_hash
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
@@ -398,19 +399,7 @@ class EI2Pipeline(DiffusionPipeline):
                 module = self.unet.unet if name == "unet" else getattr(self, name)
                 index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, final)
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_folder(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final

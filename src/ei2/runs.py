@@ -31,6 +31,7 @@ from typing import Callable
 
 from . import config as cfg
 from .errors import ConfigError, EI2Error
+from .files import replace_folder
 
 RUN_FILE = "run.json"
 PARTIAL = ".partial"
@@ -139,14 +140,7 @@ class Staging:
         return self
 
     def commit(self) -> Path:
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.replaced-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.path, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.final
+        return replace_folder(self.path, self.final)
 
     def __exit__(self, kind, error, tb):
         if kind is None:

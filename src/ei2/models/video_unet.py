@@ -30,6 +30,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import replace_folder
 from .context import VideoContext
 from .frame_attention import frame_attention_processor
 from .recipes import Recipe, get_recipe
@@ -361,21 +362,9 @@ class VideoUNet(nn.Module):
         try:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-            old = None
-            if directory.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
-                old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-            try:
-                os.replace(tmp, directory)
-            except BaseException:
-                if old is not None:  # put the old adapter back: the folder is the old one or the new one
-                    os.replace(old, directory)
-                raise
+            replace_folder(tmp, directory)  # the folder is the old adapter or the new one, never a mix
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return directory
 
     @staticmethod
