@@ -63,6 +63,16 @@ class Settings:
     gradient_checkpointing: bool = option(True, "gradient checkpointing during tuning")
     inference_steps: int = option(defaults.INFERENCE_STEPS, "DDIM steps of inversion and editing", commands=(EDIT,))
     guidance_scale: float = option(defaults.GUIDANCE_SCALE, "classifier-free guidance scale", commands=(EDIT,))
+    guidance_rescale: float = option(defaults.GUIDANCE_RESCALE, "rescaled guidance (Lin et al. 2024): mix PHI of the "
+                                                                "guided prediction rescaled to the conditional one's "
+                                                                "std (0: off; their value 0.7)", commands=(EDIT,),
+                                     metavar="PHI")
+    guidance_rescale_std: str = option(defaults.GUIDANCE_RESCALE_STD, "the std of --guidance-rescale taken per video "
+                                                                      "or per frame", commands=(EDIT,),
+                                       choices=("video", "frame"))
+    strength: float = option(defaults.STRENGTH, "edit strength, as img2img's: the fraction of the DDIM steps that "
+                                                "is inverted and sampled again (1: all; lower keeps more of the "
+                                                "source)", commands=(EDIT,), metavar="S")
     negative_prompt: str | None = option(None, "negative prompt for classifier-free guidance", commands=(EDIT,))
     p2p: str | None = option(None, "Prompt-to-Prompt attention control: replace (word swap), refine (added words) "
                                    "or reweight (--reweight)", commands=(EDIT,), choices=P2P_MODES)
@@ -277,6 +287,7 @@ def resolve(command: str, args, config_path: str | None) -> Settings:
 
 MODEL_DEFAULTS_FILE = defaults.MODEL_DEFAULTS_FILE
 MODEL_DEFAULT_KEYS = ("frames", "window", "anchor_frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
+                      "guidance_rescale", "guidance_rescale_std", "strength",
                       "inject_features", "inject_attention", "inject_block",
                       "negative_prompt", "fps")
 

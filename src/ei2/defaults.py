@@ -23,6 +23,12 @@ CHECKPOINT_EVERY = 100  # of the CLI; the library writes no checkpoints unless a
 INFERENCE_STEPS = 50
 GUIDANCE_SCALE = 12.5
 
+# Edit strength (img2img's): the fraction of the DDIM grid that is inverted and sampled again (1: all of it).
+STRENGTH = 1.0
+# Rescaled classifier-free guidance (Lin et al. 2024, phi; 0: off), its std per "video" or per "frame".
+GUIDANCE_RESCALE = 0.0
+GUIDANCE_RESCALE_STD = "video"
+
 # Null-text inversion (Mokady et al. 2023): inner Adam iterations per step, their lr, early stop.
 NULL_TEXT_INNER_STEPS = 10
 NULL_TEXT_LEARNING_RATE = 1e-2

@@ -5,13 +5,19 @@ Both walk the same timestep grid, the scheduler's own `set_timesteps` (spacing, 
 deterministic DDIM update (eta = 0) between cumulative alphas a -> a':
 
     eps = model output                              (v-prediction: eps = sqrt(a_t) v + sqrt(1 - a_t) x)
-    x0  = (x - sqrt(1 - a) eps) / sqrt(a)
+    x0  = (x - sqrt(1 - a) eps) / sqrt(a)           (v-prediction, sampling: x0 = sqrt(a_t) x - sqrt(1 - a_t) v)
     x'  = sqrt(a') x0 + sqrt(1 - a') eps
 
 Sampling goes from t_i to t_{i+1} (the final step to `final_alpha_cumprod`); inversion runs the grid
-backwards. Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), uncond and cond in one batch.
+backwards. The grid is the scheduler's own (`leading`, `trailing` or `linspace` spacing, its offset).
+A v-prediction model takes x0 from v directly, so sampling also starts at a zero-terminal-SNR t = T
+(alpha_bar = 0, where eps says nothing about x0); an epsilon model cannot start there (refused).
+Classifier-free guidance: out = out_u + s (out_c - out_u), uncond and cond in one batch, optionally
+rescaled towards the conditional prediction's standard deviation (Lin et al. 2024, `guidance_rescale`).
 
-`InversionCache` stores inverted latents as safetensors, keyed by (video, adapter, steps, prompt).
+Edit strength (img2img's `strength`): of an n-step grid, the last `int(n * strength)` steps are sampled,
+from the inversion's latent at that level; `ddim_inversion_trajectory` keeps every level, so one inversion
+serves every strength. `InversionCache` stores it as safetensors, keyed by (video, adapter, steps, prompt).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .defaults import INFERENCE_STEPS
+from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
 from .video import atomic_path
 
 
@@ -48,39 +54,102 @@ def to_epsilon(model_output, sample, alpha, prediction_type: str = "epsilon"):
     return alpha.sqrt() * model_output + (1 - alpha).sqrt() * sample  # v: eps = sqrt(a) v + sqrt(1 - a) x
 
 
-def ddim_step(eps, sample, alpha_from, alpha_to):
+def to_x0(model_output, sample, alpha, prediction_type: str = "epsilon"):
+    """The clean estimate x0 from the model output at cumulative alpha `alpha`; a v-prediction needs no
+    division (x0 = sqrt(a) x - sqrt(1 - a) v), so it holds at alpha = 0 too."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha).sqrt() * model_output) / alpha.sqrt()
+    return alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
+
+
+def ddim_step(eps, sample, alpha_from, alpha_to, x0=None):
     """Deterministic DDIM move of `sample` from cumulative alpha `alpha_from` to `alpha_to` (either direction).
 
+    `x0`: the clean estimate when the model gives it directly (v-prediction); else it is computed from eps.
     Computed in fp32; returned in the dtype of `sample`.
     """
-    x0 = (sample.float() - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
+    if x0 is None:
+        x0 = (sample.float() - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
     return (alpha_to.sqrt() * x0 + (1 - alpha_to).sqrt() * eps).to(sample.dtype)
 
 
+def ddim_move(out, sample, alpha_t, alpha_to, prediction_type: str = "epsilon"):
+    """The DDIM sampling step of `sample` (at alpha_t, the level the model was told) to `alpha_to`, from the
+    model output `out`: x0 from v directly (so alpha_t may be 0), from eps otherwise."""
+    eps = to_epsilon(out, sample.float(), alpha_t, prediction_type)
+    x0 = None if prediction_type == "epsilon" else to_x0(out, sample.float(), alpha_t, prediction_type)
+    return ddim_step(eps, sample, alpha_t, alpha_to, x0)
+
+
 def timesteps(scheduler, num_inference_steps: int, device) -> list[int]:
+    """The scheduler's own sampling grid, noisiest first (its `timestep_spacing` and `steps_offset`)."""
     scheduler.set_timesteps(num_inference_steps, device=device)
     return [int(t) for t in scheduler.timesteps]
 
 
+def start_step(num_steps: int, strength: float = STRENGTH) -> int:
+    """Index of the grid where sampling at `strength` starts: the last `int(num_steps * strength)` steps run
+    (diffusers img2img's rule); strength 1 starts at 0 (x_T)."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    run = min(int(num_steps * strength), num_steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} of {num_steps} steps runs no step; raise the strength to at least "
+                         f"{1 / num_steps:.3g} or the number of steps")
+    return num_steps - run
+
+
+def rescale_guidance(guided, cond, guidance_rescale: float, std: str = GUIDANCE_RESCALE_STD):
+    """Guided prediction rescaled towards the conditional one's standard deviation (Lin et al. 2024, §3.4;
+    diffusers' `rescale_noise_cfg`), the std taken per `video` (over c, f, h, w) or per `frame` (over c, h, w)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    if not guidance_rescale:
+        return guided
+    if std == "video" or guided.ndim != 5:
+        return rescale_noise_cfg(guided, cond, guidance_rescale)
+    if std != "frame":
+        raise ValueError(f"guidance rescale std must be 'video' or 'frame', got {std!r}")
+    b, c, f, h, w = guided.shape
+    per_frame = lambda x: x.transpose(1, 2).reshape(b * f, c, h, w)  # noqa: E731
+    out = rescale_noise_cfg(per_frame(guided), per_frame(cond), guidance_rescale)
+    return out.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0, cross_attention_kwargs=None,
+                 guidance_rescale: float = GUIDANCE_RESCALE, rescale_std: str = GUIDANCE_RESCALE_STD):
+    """The model's prediction (fp32) at timestep t for `latents`, with classifier-free guidance when `uncond_emb`
+    is given (one batch, unconditional half first), optionally rescaled (`rescale_guidance`)."""
+    if uncond_emb is None or guidance_scale == 1.0:
+        return unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+    b = latents.shape[0]
+    both = unet(
+        torch.cat([latents, latents]), t, torch.cat([uncond_emb.expand(b, -1, -1), text_emb]),
+        cross_attention_kwargs=cross_attention_kwargs,
+    ).sample.float()
+    uncond, cond = both.chunk(2)
+    return rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale, rescale_std)
+
+
 def predict_eps(unet, scheduler, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0,
-                cross_attention_kwargs=None):
-    """eps (fp32) predicted at timestep t for `latents`, with classifier-free guidance when `uncond_emb` is given
-    (one batch, unconditional half first).
+                cross_attention_kwargs=None, guidance_rescale: float = GUIDANCE_RESCALE,
+                rescale_std: str = GUIDANCE_RESCALE_STD):
+    """eps (fp32) predicted at timestep t for `latents` (see `model_output`).
 
     v-predictions are converted with the alpha of t, the level the model was evaluated at, so inversion
     treats epsilon and v models alike.
     """
-    if uncond_emb is None or guidance_scale == 1.0:
-        out = unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
-    else:
-        b = latents.shape[0]
-        both = unet(
-            torch.cat([latents, latents]), t, torch.cat([uncond_emb.expand(b, -1, -1), text_emb]),
-            cross_attention_kwargs=cross_attention_kwargs,
-        ).sample.float()
-        uncond, cond = both.chunk(2)
-        out = uncond + guidance_scale * (cond - uncond)
+    out = model_output(unet, latents, t, text_emb, uncond_emb, guidance_scale, cross_attention_kwargs,
+                       guidance_rescale, rescale_std)
     return to_epsilon(out, latents.float(), alpha(scheduler, t, latents.device), prediction_type(scheduler))
+
+
+def check_start(scheduler, t: int) -> None:
+    """An epsilon model cannot be sampled from alpha_bar = 0 (x0 = (x - eps) / 0)."""
+    if prediction_type(scheduler) == "epsilon" and float(scheduler.alphas_cumprod[int(t)]) <= 0:
+        raise ValueError(f"the scheduler's alpha_bar is 0 at t = {t} (a zero-terminal-SNR schedule) and the model "
+                         "predicts epsilon, which gives no x0 there; use a v-prediction model with this schedule, "
+                         "or the schedule the model was trained with")
 
 
 @torch.no_grad()
@@ -101,6 +170,7 @@ def ddim_invert(
     """
     prediction_type(scheduler)
     steps = timesteps(scheduler, num_inference_steps, latents.device)
+    check_start(scheduler, steps[0])
     x = latents
     bar = progress(total=len(steps)) if progress is not None else None
     previous = None  # the clean end of the grid
@@ -118,6 +188,19 @@ def ddim_invert(
     return x
 
 
+def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
+                              num_inference_steps: int = INFERENCE_STEPS, progress: Callable | None = None,
+                              ) -> torch.Tensor:
+    """[x_0, x_1, ..., x_T] stacked, (steps + 1, b, c, f, h, w): every latent of `ddim_invert` (x_T last).
+
+    Sampling at strength S starts from `trajectory[int(steps * S)]`, the latent at the level of
+    `timesteps(...)[start_step(steps, S)]`."""
+    out = [latents]
+    ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, progress=progress,
+                callback=lambda i, t, x: out.append(x))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def ddim_sample(
     unet,
@@ -130,28 +213,39 @@ def ddim_sample(
     progress: Callable | None = None,
     callback: Callable | None = None,
     cross_attention_kwargs: dict | None = None,
+    start: int = 0,
+    guidance_rescale: float = GUIDANCE_RESCALE,
+    rescale_std: str = GUIDANCE_RESCALE_STD,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) from x_T `(b, c, f, h, w)` under `text_emb` `(b, L, D)`.
 
+    `start`: the grid index to begin at (`start_step` of a strength); `latents` are then at that level and
+    only the remaining steps run (`i` of the callback counts those, from 0).
     With `uncond_emb` and `guidance_scale` != 1, classifier-free guidance is applied; `uncond_emb` is
-    `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step (null-text inversion).
+    `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step that runs (null-text inversion).
+    `guidance_rescale` (0: off) and `rescale_std` (`video` or `frame`): see `rescale_guidance`.
     `callback(i, t, latents) -> latents | None` runs after every step (it may replace the latents).
     """
-    prediction_type(scheduler)
+    kind = prediction_type(scheduler)
     if guidance_scale != 1.0 and uncond_emb is None:
         raise ValueError("classifier-free guidance needs uncond_emb (the embedding of the negative/empty prompt)")
-    steps = timesteps(scheduler, num_inference_steps, latents.device)
+    grid = timesteps(scheduler, num_inference_steps, latents.device)
+    if not 0 <= start < len(grid):
+        raise ValueError(f"start {start} is outside the {len(grid)}-step grid")
+    steps = grid[start:]
+    check_start(scheduler, steps[0])
     per_step = uncond_emb is not None and uncond_emb.ndim == 4
     if per_step and uncond_emb.shape[0] != len(steps):
         raise ValueError(f"{uncond_emb.shape[0]} per-step unconditional embeddings for {len(steps)} steps; "
-                         "run null-text inversion with the same number of steps")
+                         "run null-text inversion with the same number of steps and strength")
     x = latents
     bar = progress(total=len(steps)) if progress is not None else None
     for i, t in enumerate(steps):
         uncond = uncond_emb[i] if per_step else uncond_emb
-        eps = predict_eps(unet, scheduler, x, t, text_emb, uncond, guidance_scale, cross_attention_kwargs)
+        out = model_output(unet, x, t, text_emb, uncond, guidance_scale, cross_attention_kwargs,
+                           guidance_rescale, rescale_std)
         nxt = steps[i + 1] if i + 1 < len(steps) else None
-        x = ddim_step(eps, x, alpha(scheduler, t, x.device), alpha(scheduler, nxt, x.device))
+        x = ddim_move(out, x, alpha(scheduler, t, x.device), alpha(scheduler, nxt, x.device), kind)
         if callback is not None:
             replaced = callback(i, t, x)
             if replaced is not None:

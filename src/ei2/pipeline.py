@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .errors import EI2Error, ModelError
 from .files import replace_folder
-from .inversion import InversionCache, ddim_invert, ddim_sample, inversion_key, tensor_hash
+from .inversion import InversionCache, ddim_inversion_trajectory, ddim_sample, inversion_key, start_step, tensor_hash
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
 from .tuning import TuningConfig, TuningResult, tune
@@ -282,6 +282,14 @@ class EI2Pipeline(DiffusionPipeline):
     def _ddim(self) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler.config)
 
+    @staticmethod
+    def start_step(num_inference_steps: int, strength: float) -> int:
+        """Grid index where an edit at `strength` starts (`ei2.inversion.start_step`); a bad strength is an EI2Error."""
+        try:
+            return start_step(num_inference_steps, strength)
+        except ValueError as e:
+            raise EI2Error(f"--strength: {e}") from None
+
     def check_size(self, height: int, width: int) -> None:
         for name, v in (("height", height), ("width", width)):
             if v <= 0 or v % 8:
@@ -338,12 +346,20 @@ class EI2Pipeline(DiffusionPipeline):
         return f"{self.unet.base_fingerprint}-{self.unet.recipe.digest()}-{tensor_hash(*tensors)}"
 
     def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> str:
-        """Cache key of the DDIM inversion of clean `latents` under `prompt` with this adapter and precision."""
+        """Cache key of the DDIM inversion trajectory (every level, x_0 to x_T) of clean `latents` under
+        `prompt` with this adapter, scheduler and precision."""
         latents = latents.to(self.unet.device, torch.float32)
-        extra = self.mixed_precision
+        extra = f"trajectory|{self.mixed_precision}|{self._schedule_key()}"
         if self.windowed(latents.shape[2]):
             extra += "|" + self.windowing_key(latents.shape[2])
         return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, extra)
+
+    def _schedule_key(self) -> str:
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "set_alpha_to_one")
+        import hashlib
+
+        return hashlib.sha256(repr([self.scheduler.config.get(k) for k in keys]).encode()).hexdigest()[:12]
 
     def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> bool:
         """Whether `invert(latents=latents, prompt=prompt, ...)` would come from the cache."""
@@ -442,7 +458,7 @@ class EI2Pipeline(DiffusionPipeline):
         return result
 
     @torch.no_grad()
-    def invert(
+    def invert_trajectory(
         self,
         frames: np.ndarray | None = None,
         prompt: str = "",
@@ -451,9 +467,11 @@ class EI2Pipeline(DiffusionPipeline):
         num_inference_steps: int = defaults.INFERENCE_STEPS,
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance -> x_T.
+        """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance: every level
+        `[x_0, x_1, ..., x_T]`, `(steps + 1, b, c, f, h, w)` fp32.
 
-        Cached per (video latents, adapter, steps, prompt, windowing): editing several prompts inverts once.
+        Cached per (video latents, adapter, scheduler, steps, prompt, windowing): editing several prompts at any
+        strengths inverts once.
         """
         if latents is None:
             if frames is None:
@@ -462,16 +480,34 @@ class EI2Pipeline(DiffusionPipeline):
         latents = latents.to(self.unet.device, torch.float32)
         key = self.inversion_key(latents, prompt, num_inference_steps)
         cached = self.inversion_cache.get(key) if use_cache else None
-        if cached is not None:
+        if cached is not None and cached.shape[1:] == latents.shape:
             return cached.to(latents.device)
         text = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
         with self._autocast():
-            inverted = ddim_invert(self.denoiser(latents.shape[2]), self._ddim(), latents, text, num_inference_steps,
-                                   progress=lambda total: self._bar("inversion", total))
-        inverted = inverted.float().contiguous()  # as the cache returns it: the same strides, the same numbers
+            trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self._ddim(), latents, text,
+                                                   num_inference_steps,
+                                                   progress=lambda total: self._bar("inversion", total))
+        trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
-            self.inversion_cache.put(key, inverted)
-        return inverted
+            self.inversion_cache.put(key, trajectory)
+        return trajectory
+
+    def invert(
+        self,
+        frames: np.ndarray | None = None,
+        prompt: str = "",
+        *,
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int = defaults.INFERENCE_STEPS,
+        strength: float = defaults.STRENGTH,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """DDIM inversion of the source video under `prompt` -> the latent where sampling at `strength` starts
+        (x_T at strength 1), from the cached trajectory (`invert_trajectory`)."""
+        trajectory = self.invert_trajectory(frames, prompt, latents=latents, num_inference_steps=num_inference_steps,
+                                            use_cache=use_cache)
+        n = len(trajectory) - 1
+        return trajectory[n - start_step(n, strength)].clone()
 
     @torch.no_grad()
     def __call__(
@@ -495,12 +531,19 @@ class EI2Pipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         cross_attention_kwargs: dict | None = None,
+        strength: float = defaults.STRENGTH,
+        guidance_rescale: float = defaults.GUIDANCE_RESCALE,
+        guidance_rescale_std: str = defaults.GUIDANCE_RESCALE_STD,
     ):
         """Edit (or generate) a video under `prompt`.
 
         Starting latents x_T are, in order: `latents` if given; the DDIM inversion of the source video
         (`frames` or `source_latents`) under `inversion_prompt` (default: `source_prompt`, else ""); or
         Gaussian noise of `num_frames` x `height` x `width`. Then DDIM sampling with classifier-free guidance.
+        `strength` < 1 (an edit of a source video): only the last `int(num_inference_steps * strength)` steps
+        run, from the inversion's latent at that level (given `latents` are taken to be at that level).
+        `guidance_rescale` (phi, 0: off): the guided prediction rescaled towards the conditional one's std, per
+        `guidance_rescale_std` ("video" or "frame").
         Returns `EI2PipelineOutput(frames (b, f, h, w, 3) uint8, latents (b, c, f, h, w))`.
         """
         # 1. Check inputs
@@ -512,6 +555,9 @@ class EI2Pipeline(DiffusionPipeline):
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
         if num_inference_steps < 1:
             raise EI2Error(f"--inference-steps must be at least 1, got {num_inference_steps}")
+        start = self.start_step(num_inference_steps, strength)
+        if start and latents is None and frames is None and source_latents is None:
+            raise EI2Error(f"--strength {strength} edits a source video; generating from noise needs strength 1")
         device = self.unet.device
         batch = len(prompts)
 
@@ -523,7 +569,8 @@ class EI2Pipeline(DiffusionPipeline):
         if latents is None and (frames is not None or source_latents is not None):
             if inversion_prompt is None:
                 inversion_prompt = source_prompt or ""
-            latents = self.invert(frames, inversion_prompt, latents=source_latents, num_inference_steps=num_inference_steps)
+            latents = self.invert(frames, inversion_prompt, latents=source_latents, num_inference_steps=num_inference_steps,
+                                  strength=strength)
         elif latents is None:
             side = self.default_size
             height, width = height or side, width or side
@@ -550,7 +597,8 @@ class EI2Pipeline(DiffusionPipeline):
                 self.denoiser(latents.shape[2]), self._ddim(), latents, text, num_inference_steps,
                 guidance_scale=guidance_scale,
                 uncond_emb=uncond, progress=lambda total: self._bar("editing", total), callback=on_step,
-                cross_attention_kwargs=cross_attention_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs, start=start, guidance_rescale=guidance_rescale,
+                rescale_std=guidance_rescale_std,
             )
         latents = latents.float()
 
@@ -572,7 +620,8 @@ class EI2Pipeline(DiffusionPipeline):
         """
         self._check_prompt(source_prompt, "source_prompt")
         steps = kwargs.get("num_inference_steps", defaults.INFERENCE_STEPS)
-        injects = injection is not None and injection.active(steps)
+        run = steps - self.start_step(steps, kwargs.get("strength", defaults.STRENGTH)) if steps >= 1 else steps
+        injects = injection is not None and injection.active(run)
         if p2p is None and not null_text and not injects:
             return self(target_prompt, frames, source_prompt, **kwargs)
         from .control.edit import controlled_edit

@@ -57,6 +57,13 @@ def validate(s: cfg.Settings, command: str) -> None:
             raise ConfigError(f"--inference-steps must be at least 1, got {s.inference_steps}")
         if s.fps is not None and s.fps <= 0:
             raise ConfigError(f"--fps must be positive, got {s.fps}")
+        if not 0 < s.strength <= 1:
+            raise ConfigError(f"--strength must be in (0, 1] (1: the whole DDIM grid), got {s.strength}")
+        if int(s.inference_steps * s.strength) < 1:
+            raise ConfigError(f"--strength {s.strength} of {s.inference_steps} inference steps runs no step; raise "
+                              f"it to at least {1 / s.inference_steps:.3g} or raise --inference-steps")
+        if not 0 <= s.guidance_rescale <= 1:
+            raise ConfigError(f"--guidance-rescale must be in [0, 1] (0: off, 0.7: Lin et al.), got {s.guidance_rescale}")
         _p2p_config(s)  # fractions, thresholds, option combinations: before anything is loaded
         injection_config(s)
         if s.adapter and s.resume:
@@ -428,15 +435,17 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
         inverted = None
         if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
             report("inversion", 0, s.inference_steps)
-            inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps)
+            inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
+                                   strength=s.strength)
             report("inversion", s.inference_steps, s.inference_steps)
         timings["invert_s"] = round(time.perf_counter() - t, 3)
         record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
-                               "null_text": s.null_text}
+                               "null_text": s.null_text, "strength": s.strength,
+                               "sampled_steps": _sampled_steps(s)}
         if p2p is not None:
             record["p2p"] = dataclasses.asdict(p2p)
         injection = injection_config(s)
-        if injection.active(s.inference_steps):
+        if injection.active(_sampled_steps(s)):
             record["injection"] = injection.to_dict()
 
         edits, edited, timings["edit_s"] = [], [], []
@@ -445,7 +454,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
             t = time.perf_counter()
             say(f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
             report.stage = f"edit {i}/{len(s.target_prompt)}"
-            report(report.stage, 0, s.inference_steps)
+            report(report.stage, 0, _sampled_steps(s))
             stem = f"{i:02d}-{_slug(prompt)}"
             frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem)
             timings["edit_s"].append(round(time.perf_counter() - t, 3))
@@ -453,7 +462,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
             write_gif(frames, out / "edits" / f"{stem}.gif", fps)
             edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
             edited.append(frames)
-            report(report.stage, s.inference_steps, s.inference_steps)
+            report(report.stage, _sampled_steps(s), _sampled_steps(s))
         report.stage = None
 
         t = time.perf_counter()
@@ -483,11 +492,24 @@ def edit_one(s: cfg.Settings, pipe, latents, inverted, prompt: str, p2p, stem: P
     from the clean `latents` (the source branch denoised along).
     """
     injection = injection_config(s)
-    if p2p is not None or s.null_text or s.save_attention or injection.active(s.inference_steps):
+    if p2p is not None or s.null_text or s.save_attention or injection.active(_sampled_steps(s)):
         return _controlled_edit(s, pipe, latents, prompt, p2p, injection, stem)
     result = pipe(prompt, latents=inverted, negative_prompt=s.negative_prompt,
-                  num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale)
+                  num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale, **_sampling(s))
     return result.frames[0], {}
+
+
+def _sampling(s: cfg.Settings) -> dict:
+    """The sampling options of the settings, as the pipeline's and `controlled_edit`'s keyword arguments."""
+    return {"strength": s.strength, "guidance_rescale": s.guidance_rescale,
+            "guidance_rescale_std": s.guidance_rescale_std}
+
+
+def _sampled_steps(s: cfg.Settings) -> int:
+    """The DDIM steps an edit samples at the settings' strength (the count injection and P2P fractions use)."""
+    from .inversion import start_step
+
+    return s.inference_steps - start_step(s.inference_steps, s.strength)
 
 
 def injection_config(s: cfg.Settings):
@@ -520,9 +542,9 @@ def _check_control(s: cfg.Settings, pipe):
 
     p2p = _p2p_config(s)
     if p2p is not None:
-        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, s.inference_steps)
+        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, _sampled_steps(s))
     blocks = len(pipe.unet.unet.up_blocks)
-    if injection_config(s).active(s.inference_steps) and s.inject_block >= blocks:
+    if injection_config(s).active(_sampled_steps(s)) and s.inject_block >= blocks:
         raise P2PError(f"--inject-block {s.inject_block}: this model's decoder has blocks 0..{blocks - 1}")
     if s.save_attention and not any(word_token_indices(pipe.tokenizer, p, s.save_attention)
                                     for p in [s.source_prompt, *s.target_prompt]):
@@ -539,7 +561,8 @@ def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, injection
     result = controlled_edit(pipe, latents, s.source_prompt, [prompt], p2p=p2p, null_text=s.null_text,
                              injection=injection,
                              num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale,
-                             negative_prompt=s.negative_prompt, record_attention=bool(s.save_attention))
+                             negative_prompt=s.negative_prompt, record_attention=bool(s.save_attention),
+                             **_sampling(s))
     extra = {}
     if s.save_attention and any(word_token_indices(pipe.tokenizer, p, s.save_attention) for p in result.prompts):
         path = stem.with_name(f"{stem.name}.attention-{_slug(s.save_attention)}.png")

@@ -22,9 +22,10 @@ from typing import Sequence
 import torch
 
 from ..defaults import (
-    GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS, NULL_TEXT_LEARNING_RATE,
+    GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON,
+    NULL_TEXT_INNER_STEPS, NULL_TEXT_LEARNING_RATE, STRENGTH,
 )
-from ..inversion import tensor_hash
+from ..inversion import start_step, tensor_hash
 from .controllers import AttentionStore
 from .injection import FeatureInjection, InjectionConfig
 from .null_text import NullTextCache, NullTextInversion, null_text_inversion, null_text_key
@@ -57,17 +58,20 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
                      negative_prompt: str | None = None, num_inner_steps: int = NULL_TEXT_INNER_STEPS,
                      learning_rate: float = NULL_TEXT_LEARNING_RATE,
                      early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
-                     use_cache: bool = True) -> NullTextInversion:
+                     use_cache: bool = True, start: int = 0) -> NullTextInversion:
     """Null-text inversion of clean latents (1, c, f, h, w) on `pipe`'s UNet, starting from the embedding of
-    `negative_prompt` (default ""); cached beside the pipeline's DDIM inversions."""
+    `negative_prompt` (default ""), of the steps from grid index `start` on (an edit strength); its DDIM
+    trajectory is the pipeline's cached one; cached beside the pipeline's DDIM inversions."""
     if getattr(pipe, "null_text_cache", None) is None:
         pipe.null_text_cache = NullTextCache(getattr(pipe.inversion_cache, "directory", None))
     latents = latents.to(pipe.unet.device, torch.float32)
     key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), num_inference_steps, prompt, guidance_scale,
-                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}{_windowing_key(pipe, latents)}")
+                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}{_windowing_key(pipe, latents)}|start={start}")
     cached = pipe.null_text_cache.get(key) if use_cache else None
     if cached is not None:
         return cached
+    trajectory = pipe.invert_trajectory(latents=latents, prompt=prompt, num_inference_steps=num_inference_steps,
+                                        use_cache=use_cache)
     with pipe._autocast():
         result = null_text_inversion(
             _denoiser(pipe, latents), pipe._ddim(), latents, pipe.encode_prompt(prompt),
@@ -75,6 +79,7 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
             num_inference_steps,
             guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, learning_rate=learning_rate,
             early_stop_epsilon=early_stop_epsilon, progress=lambda total: pipe._bar("null-text inversion", total),
+            start=start, trajectory=trajectory,
         )
     result = NullTextInversion(result.latents.float(), result.uncond_embeddings.float())
     if use_cache:
@@ -98,31 +103,40 @@ def controlled_edit(
     record_attention: bool = False,
     null_text_inner_steps: int = NULL_TEXT_INNER_STEPS,
     null_text_learning_rate: float = NULL_TEXT_LEARNING_RATE,
+    strength: float = STRENGTH,
+    guidance_rescale: float = GUIDANCE_RESCALE,
+    guidance_rescale_std: str = GUIDANCE_RESCALE_STD,
 ) -> ControlledEdit:
-    """Edit clean source latents (1, c, f, h, w) into each target prompt; see the module docstring."""
+    """Edit clean source latents (1, c, f, h, w) into each target prompt; see the module docstring.
+
+    `strength` < 1: only the last `int(num_inference_steps * strength)` steps run, from the inversion's latent
+    at that level; the P2P and injection fractions count those steps."""
     # 1. Check inputs: a bad P2P option fails here, before any inversion
     targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise ValueError(f"latents must be one clean source video (1, c, f, h, w), got {tuple(latents.shape)}")
+    start = start_step(num_inference_steps, strength)
+    run = num_inference_steps - start  # the steps that are sampled
     controller = None
     if p2p is not None:
-        controller = build_controller(p2p, pipe.tokenizer, source_prompt, targets, num_inference_steps)
-    injects = injection is not None and injection.active(num_inference_steps)
+        controller = build_controller(p2p, pipe.tokenizer, source_prompt, targets, run)
+    injects = injection is not None and injection.active(run)
     with_source = p2p is not None or injects
     prompts = [source_prompt, *targets] if with_source else targets
     if controller is None and record_attention:
         controller = AttentionStore(len(prompts))
-    feature_injection = FeatureInjection(injection, len(prompts), num_inference_steps) if injects else None
+    feature_injection = FeatureInjection(injection, len(prompts), run) if injects else None
     device = pipe.unet.device
 
     # 2. Invert: null-text (per-step unconditional embeddings) or DDIM with the fixed negative/empty prompt
     if null_text:
         inverted = null_text_invert(pipe, latents, source_prompt, num_inference_steps, guidance_scale, negative_prompt,
-                                    null_text_inner_steps, null_text_learning_rate)
+                                    null_text_inner_steps, null_text_learning_rate, start=start)
         x_t, uncond = inverted.latents, inverted.uncond_embeddings
     else:
         uncond = pipe.encode_prompt(negative_prompt or "")
-        x_t = pipe.invert(latents=latents, prompt=source_prompt, num_inference_steps=num_inference_steps)
+        x_t = pipe.invert(latents=latents, prompt=source_prompt, num_inference_steps=num_inference_steps,
+                          strength=strength)
 
     # 3. Denoise all branches together (source first with p2p or injection)
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
@@ -131,6 +145,7 @@ def controlled_edit(
             _denoiser(pipe, x_t), pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
             guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
             progress=lambda total: pipe._bar("editing", total), injection=feature_injection,
+            start=start, guidance_rescale=guidance_rescale, guidance_rescale_std=guidance_rescale_std,
         )
     out = out.float()
     if with_source:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..defaults import (GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS,
                         NULL_TEXT_LEARNING_RATE)
-from ..inversion import InversionCache, alpha, ddim_invert, ddim_step, predict_eps, timesteps
+from ..inversion import (InversionCache, alpha, ddim_inversion_trajectory, ddim_move, model_output, prediction_type,
+                         timesteps)
 
 
 def default_progress(total: int):
@@ -39,14 +40,6 @@ class NullTextInversion:
     uncond_embeddings: torch.Tensor
 
 
-def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
-                              num_inference_steps: int = INFERENCE_STEPS) -> list[torch.Tensor]:
-    """[x_0, x_1, ..., x_T]: every latent of `ei2.inversion.ddim_invert` (its result is the last one)."""
-    trajectory = [latents]
-    ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, callback=lambda i, t, x: trajectory.append(x))
-    return trajectory
-
-
 def null_text_inversion(
     unet,
     scheduler,
@@ -59,43 +52,54 @@ def null_text_inversion(
     learning_rate: float = NULL_TEXT_LEARNING_RATE,
     early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
     progress: Callable | None = default_progress,
+    start: int = 0,
+    trajectory: torch.Tensor | None = None,
 ) -> NullTextInversion:
     """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D).
 
     `uncond_emb` (1, L, D): the empty prompt's embedding, the starting point. Sample the result with
     `controlled_sample(..., guidance_scale=<the same>, uncond_emb=result.uncond_embeddings)`.
+    `start`: the grid index sampling will begin at (`ei2.inversion.start_step` of an edit strength): only the
+    steps from there are optimised, and `result.latents` is the inversion's latent at that level.
+    `trajectory`: the DDIM inversion trajectory of `latents` if already known (`ddim_inversion_trajectory`).
     `progress(total=n)`: a progress-bar factory (None: no bar); its bar counts inner iterations.
     """
     if num_inner_steps < 1:
         raise ValueError(f"num_inner_steps must be at least 1, got {num_inner_steps}")
-    trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps)
+    kind = prediction_type(scheduler)
+    if trajectory is None:
+        trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps)
     steps = timesteps(scheduler, num_inference_steps, latents.device)
     n = len(steps)
+    if len(trajectory) != n + 1:
+        raise ValueError(f"a trajectory of {len(trajectory)} latents for {n} steps; expected {n + 1}")
     text_emb = text_emb.expand(latents.shape[0], -1, -1)
     uncond = uncond_emb.detach().clone().float()
     optimised = []
-    bar = progress(total=n * num_inner_steps) if progress is not None else None
+    bar = progress(total=(n - start) * num_inner_steps) if progress is not None else None
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     unet.requires_grad_(False)  # only the embedding is optimised; no gradients into (tuned) weights
     # under fp16 autocast the per-element gradients of a mean over a whole video (~1e-7) underflow:
     # scale the loss for the backward pass and unscale the embedding's (fp32) gradient, as GradScaler does
     loss_scale = 2.0**16 if torch.is_autocast_enabled() else 1.0
     try:
-        x = trajectory[-1]
+        x = trajectory[n - start]
         for i, t in enumerate(steps):
+            if i < start:
+                continue
             target = trajectory[n - i - 1]
             alpha_t = alpha(scheduler, t, x.device)
             alpha_next = alpha(scheduler, steps[i + 1] if i + 1 < n else None, x.device)
             with torch.no_grad():
-                eps_cond = predict_eps(unet, scheduler, x, t, text_emb)
+                out_cond = model_output(unet, x, t, text_emb)
             uncond = uncond.detach().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=learning_rate * (1.0 - i / (2 * n)))
             done = 0
             for _ in range(num_inner_steps):
                 with torch.enable_grad():
-                    eps_uncond = predict_eps(unet, scheduler, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
-                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                    loss = F.mse_loss(ddim_step(eps, x, alpha_t, alpha_next).float(), target.float())
+                    out_uncond = model_output(unet, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
+                    out = out_uncond + guidance_scale * (out_cond - out_uncond)
+                    loss = F.mse_loss(ddim_move(out, x, alpha_t, alpha_next, kind).float(), target.float())
                     optimizer.zero_grad()
                     (loss * loss_scale).backward()
                 uncond.grad /= loss_scale
@@ -113,14 +117,14 @@ def null_text_inversion(
             uncond = uncond.detach()
             optimised.append(uncond.clone())
             with torch.no_grad():
-                eps = predict_eps(unet, scheduler, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
-                x = ddim_step(eps, x, alpha_t, alpha_next)
+                out = model_output(unet, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
+                x = ddim_move(out, x, alpha_t, alpha_next, kind)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         if bar is not None:
             bar.close()
-    return NullTextInversion(trajectory[-1].detach(), torch.stack(optimised))
+    return NullTextInversion(trajectory[n - start].detach(), torch.stack(optimised))
 
 
 def null_text_key(video_hash: str, adapter_hash: str, num_inference_steps: int, prompt: str, guidance_scale: float,

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..defaults import GUIDANCE_SCALE, INFERENCE_STEPS
+from ..defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, GUIDANCE_SCALE, INFERENCE_STEPS
 from ..inversion import ddim_sample
 from .controllers import AttentionStore
 from .injection import FeatureInjection
@@ -31,16 +31,22 @@ def controlled_sample(
     progress: Callable | None = None,
     callback: Callable | None = None,
     injection: FeatureInjection | None = None,
+    start: int = 0,
+    guidance_rescale: float = GUIDANCE_RESCALE,
+    guidance_rescale_std: str = GUIDANCE_RESCALE_STD,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) of `latents` (p, c, f, h, w) under `text_emb` (p, L, D), source first.
 
     `uncond_emb`: (1, L, D), or (steps, 1, L, D) from null-text inversion. `controller`: an
     `AttentionStore` or an edit controller; `injection`: a `FeatureInjection`. Each is reset, installed
     for the loop and removed after. `callback(i, t, latents) -> latents | None` runs after their step callbacks.
+    `start`, `guidance_rescale`, `guidance_rescale_std`: as in `ei2.inversion.ddim_sample` (the controller and the
+    injection count the steps that run).
     """
+    options = dict(start=start, guidance_rescale=guidance_rescale, rescale_std=guidance_rescale_std)
     if controller is None and injection is None:
         return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
-                           progress, callback)
+                           progress, callback, **options)
     for name, control in (("controller", controller), ("injection", injection)):
         prompts = getattr(control, "num_prompts", latents.shape[0])
         if prompts != latents.shape[0]:
@@ -58,4 +64,4 @@ def controlled_sample(
             control.reset()
     with attention_control(unet, controller, injection):
         return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
-                           progress, step_callback)
+                           progress, step_callback, **options)

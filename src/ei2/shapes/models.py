@@ -6,7 +6,9 @@ All are stock transformers/diffusers classes; only their sizes are chosen here (
 - VAE: 4 latent channels, 64 -> 16 (three encoder blocks, channels 32, 64, 64), ~0.95 M parameters.
 - UNet: CrossAttnDownBlock2D, CrossAttnDownBlock2D, DownBlock2D / UpBlock2D, CrossAttnUpBlock2D,
   CrossAttnUpBlock2D (the SD 1.x layout), channels 32, 64, 64, one layer per block, ~1.5 M parameters.
-- Schedulers: SD 1.x's DDPM noise schedule (scaled_linear, beta 0.00085-0.012, 1000 steps, epsilon).
+- Schedulers: SD 1.x's DDPM noise schedule (scaled_linear, beta 0.00085-0.012, 1000 steps, epsilon);
+  model v2 (issue 19) rescales it to zero terminal SNR (Lin et al. 2024), predicts v and samples from
+  t = T ("trailing" timesteps).
 """
 from __future__ import annotations
 
@@ -62,14 +64,26 @@ SD_SCHEDULE = dict(
 )
 
 
-def make_train_scheduler():
+def schedule(prediction_type: str = "epsilon", zero_snr: bool = False) -> dict:
+    """SD 1.x's schedule, or (zero_snr) its zero-terminal-SNR rescaling with trailing timesteps; an epsilon
+    model cannot use zero SNR (x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by zero at a = 0)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    if zero_snr and prediction_type == "epsilon":
+        raise ValueError("a zero-terminal-SNR schedule needs prediction_type='v_prediction' (epsilon cannot give x0 at t = T)")
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0) if zero_snr else {}
+    return {**SD_SCHEDULE, "prediction_type": prediction_type, **extra}
+
+
+def make_train_scheduler(prediction_type: str = "epsilon", zero_snr: bool = False):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SD_SCHEDULE)
+    return DDPMScheduler(**schedule(prediction_type, zero_snr))
 
 
-def make_sample_scheduler():
-    """The pipeline's default sampler: DDIM with SD 1.x's schedule (set_alpha_to_one=False as SD ships it)."""
+def make_sample_scheduler(prediction_type: str = "epsilon", zero_snr: bool = False):
+    """The pipeline's default sampler: DDIM with the training schedule (set_alpha_to_one=False as SD ships it;
+    with zero SNR the last step is t = T itself, where alpha_bar = 0)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SD_SCHEDULE, set_alpha_to_one=False)
+    return DDIMScheduler(**schedule(prediction_type, zero_snr), set_alpha_to_one=False)

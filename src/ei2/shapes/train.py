@@ -51,6 +51,11 @@ class StageConfig:
     lr: float
     warmup: int = 200
     pool: int = 50_000  # rendered training images, drawn from with replacement
+    # UNet only (model v2, issue 19): what the UNet predicts, SD's schedule rescaled to zero terminal SNR,
+    # offset noise (a per-channel constant added to the noise, std offset_noise)
+    prediction_type: str = "epsilon"
+    zero_snr: bool = False
+    offset_noise: float = 0.0
 
 
 # Sized for a 2-core CPU (a few hours in all) and for one GPU (minutes).
@@ -184,7 +189,10 @@ class Stage:
         progress = min(1.0, progress)
         return self.cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def run(self, resume: bool, max_minutes: float | None, ckpt_minutes: float = 5.0, init: str | None = None) -> None:
+    def run(self, resume: bool, max_minutes: float | None, ckpt_minutes: float = 5.0, init: str | None = None,
+            stop_minutes: float | None = None) -> None:
+        """max_minutes: the schedule's length in time (lr decays by then, and the stage ends); stop_minutes:
+        end this process after that long (checkpoint written) without touching the schedule, to --resume later."""
         from tqdm.auto import tqdm
 
         torch.manual_seed(self.seed)
@@ -205,6 +213,10 @@ class Stage:
                 for i, e in enumerate(self.ema):
                     e.copy_(tensors[f"ema.{i}"])
             start = meta["step"]
+            stored = {k: meta["config"].get(k, getattr(StageConfig, k)) for k in ("prediction_type", "zero_snr")}
+            if stored != {k: getattr(self.cfg, k) for k in stored}:
+                raise SystemExit(f"[{self.name}] {ckpt} was trained with {stored}; resume it with the same options "
+                                 f"or start another --work folder")
             print(f"[{self.name}] resumed from {ckpt} at step {start}", flush=True)
         elif resume:
             print(f"[{self.name}] no checkpoint at {ckpt}; starting from step 0", flush=True)
@@ -240,9 +252,13 @@ class Stage:
                 log.flush()
             if time.time() - last_ckpt > 60 * ckpt_minutes:
                 self.save(done)
+                self.save_final(done)  # the stage's current result (EMA), to evaluate while it runs
                 last_ckpt = time.time()
             if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
                 print(f"[{self.name}] --max-minutes {max_minutes} reached at step {done}", flush=True)
+                break
+            if stop_minutes is not None and time.time() - t0 > 60 * stop_minutes:
+                print(f"[{self.name}] --stop-minutes {stop_minutes} reached at step {done}; continue with --resume", flush=True)
                 break
         bar.close()
         log.close()
@@ -383,7 +399,8 @@ def load_vae(device="cpu"):
 
 class UnetStage(Stage):
     """UNet2DConditionModel on VAE latents of renders, conditioned on the frozen CLIP text tower's
-    last hidden states; epsilon loss on SD 1.x's DDPM schedule, 10% empty captions, EMA 0.999."""
+    last hidden states; epsilon (or v) loss on SD 1.x's DDPM schedule (or its zero-terminal-SNR
+    rescaling), 10% empty captions, EMA 0.999."""
 
     name = "unet"
 
@@ -405,7 +422,7 @@ class UnetStage(Stage):
         self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
         self.labels = labels.to(self.device)
         del clip, vae
-        self.sched = models.make_train_scheduler()
+        self.sched = models.make_train_scheduler(self.cfg.prediction_type, self.cfg.zero_snr)
         self.alphas = self.sched.alphas_cumprod.to(self.device)
         return models.make_unet()
 
@@ -419,10 +436,13 @@ class UnetStage(Stage):
         cap = torch.where(torch.rand(b, device=dev, generator=gen) < CAPTION_DROPOUT, self.empty, cap)
         t = torch.randint(0, len(self.alphas), (b,), device=dev, generator=gen)
         noise = torch.randn(z0.shape, device=dev, generator=gen)
+        if self.cfg.offset_noise:
+            noise = noise + self.cfg.offset_noise * torch.randn(b, z0.shape[1], 1, 1, device=dev, generator=gen)
         a = self.alphas[t].view(b, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = self.model(zt, t, encoder_hidden_states=self.text[cap]).sample
-        return F.mse_loss(pred.float(), noise)
+        target = noise if self.cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0  # v
+        return F.mse_loss(pred.float(), target)
 
     def final_tensors(self):
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -431,7 +451,8 @@ class UnetStage(Stage):
         return sd
 
     def final_config(self):
-        return {"unet_config": dict(self.model.config)}
+        return {"unet_config": dict(self.model.config), "prediction_type": self.cfg.prediction_type,
+                "zero_snr": self.cfg.zero_snr, "offset_noise": self.cfg.offset_noise}
 
 
 STAGES = {"clip": ClipStage, "vae": VaeStage, "unet": UnetStage}
@@ -488,7 +509,8 @@ def export(assets: Path = ASSETS) -> None:
     unet.load_state_dict(load_file(str(_find_part("unet"))))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=models.make_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        scheduler=models.make_sample_scheduler(meta.get("prediction_type", "epsilon"), meta.get("zero_snr", False)),
+        safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     def write_sd(d: Path):
@@ -513,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from work_shapes/<stage>/checkpoint.safetensors")
     parser.add_argument("--max-minutes", type=float, help="stop a stage after this long (checkpoint + final written)")
     parser.add_argument("--init", help="safetensors weights to start the stage from (fresh optimiser, step 0)")
+    parser.add_argument("--stop-minutes", type=float,
+                        help="end this process after this long (checkpoint written, schedule unchanged); continue with --resume")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="unet: what the UNet predicts (default epsilon)")
+    parser.add_argument("--zero-snr", action="store_true", help="unet: SD's schedule rescaled to zero terminal SNR (needs v_prediction)")
+    parser.add_argument("--offset-noise", type=float, help="unet: std of a per-channel constant added to the noise (e.g. 0.05)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the training images")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--work", default=str(WORK), help="folder of checkpoints and logs (default work_shapes)")
@@ -530,9 +557,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in stages:
         cfg = DEFAULTS[args.device][name]
         overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "pool") if getattr(args, k) is not None}
+        if name == "unet":
+            overrides.update({k: getattr(args, k) for k in ("prediction_type", "offset_noise") if getattr(args, k) is not None})
+            overrides["zero_snr"] = args.zero_snr
+            models.schedule(overrides.get("prediction_type", "epsilon"), args.zero_snr)  # refuses epsilon + zero SNR
         cfg = replace(cfg, **overrides)
         print(f"[{name}] {cfg} on {args.device}", flush=True)
-        STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(args.resume, args.max_minutes, init=args.init)
+        STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(
+            args.resume, args.max_minutes, init=args.init, stop_minutes=args.stop_minutes)
     if args.stage in ("export", "all"):
         export(Path(args.assets))
     return 0
