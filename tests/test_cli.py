@@ -117,6 +117,9 @@ def test_yaml_config_and_flag_override(tiny_sd, source_video, tmp_path):
         ("wrong yaml type", "'frames' must be an integer, got 'eight'"),
         ("nan loss", "lower --lr"),
         ("unknown recipe", "unknown --recipe 'ei3'"),
+        ("strength out of range", "--strength must be in (0, 1]"),
+        ("strength runs no step", "--strength 0.2 of 3 inference steps runs no step"),
+        ("guidance rescale out of range", "--guidance-rescale must be in [0, 1]"),
     ],
 )
 def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_v, source_video, tmp_path, capsys):
@@ -154,11 +157,38 @@ def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_
         args += ["--recipe", "ei3"]
     elif case == "nan loss":
         args += ["--lr", "1e30", "--steps", "4"]
+    elif case == "strength out of range":
+        args += ["--strength", "1.5"]
+    elif case == "strength runs no step":
+        args += ["--strength", "0.2"]
+    elif case == "guidance rescale out of range":
+        args += ["--guidance-rescale", "2"]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ei2: error: ") and message in err[0], err
     assert not (tmp_path / "outputs").exists()
+
+
+def test_strength_and_guidance_rescale_from_yaml_and_flags_reuse_one_inversion(tiny_sd, source_video, tmp_path):
+    import numpy as np
+
+    from ei2.video import read_video
+
+    assert main(edit_args(tiny_sd, source_video, tmp_path / "full", "--inference-steps", "4")) == 0
+    (tmp_path / "half.yaml").write_text("strength: 0.5\nguidance_rescale_std: frame\n")
+    assert main(["edit", str(source_video), "--model", str(tiny_sd), "--adapter", str(tmp_path / "full"),
+                 "--source-prompt", "a red square", "--target-prompt", "a blue square", "--out", "half",
+                 "--config", "half.yaml", "--guidance-rescale", "0.7", *FAST, "--inference-steps", "4"]) == 0
+    full = json.loads((tmp_path / "full" / "run.json").read_text())
+    half = json.loads((tmp_path / "half" / "run.json").read_text())
+    assert full["inversion"]["strength"] == 1.0 and full["inversion"]["sampled_steps"] == 4
+    assert half["inversion"]["strength"] == 0.5 and half["inversion"]["sampled_steps"] == 2
+    assert half["inversion"]["cached"] is True  # the trajectory of the first run serves strength 0.5 too
+    assert (half["settings"]["guidance_rescale"], half["settings"]["guidance_rescale_std"]) == (0.7, "frame")
+    a = read_video(tmp_path / "full" / "edits/01-a-blue-square.gif").frames
+    b = read_video(tmp_path / "half" / "edits/01-a-blue-square.gif").frames
+    assert a.shape == b.shape and not np.array_equal(a, b)
 
 
 def test_existing_run_folder_is_kept_without_overwrite(tiny_sd, source_video, tmp_path, capsys):

@@ -101,6 +101,10 @@ class Settings:
     inject_block: int = option(defaults.INJECT_BLOCK, "structure: decoder block up_blocks[N] whose features are "
                                                       "injected (attention: that block and finer ones)",
                                commands=(EDIT,), metavar="N")
+    noise_regularization: bool = option(False, "pix2pix-zero: push each predicted noise of the inversion towards "
+                                               "white Gaussian noise (auto-correlation and KL penalties, weights "
+                                               f"{defaults.NOISE_REG_AUTO_CORR:g}/{defaults.NOISE_REG_KL:g}, "
+                                               f"{defaults.NOISE_REG_STEPS} steps)", commands=(EDIT,))
     null_text: bool = option(False, "null-text inversion before editing: faithful reconstruction, slower",
                              commands=(EDIT,))
     save_attention: str | None = option(None, "save the cross-attention maps of WORD per frame as an image grid",
@@ -287,7 +291,7 @@ def resolve(command: str, args, config_path: str | None) -> Settings:
 
 MODEL_DEFAULTS_FILE = defaults.MODEL_DEFAULTS_FILE
 MODEL_DEFAULT_KEYS = ("frames", "window", "anchor_frames", "stride", "width", "height", "steps", "lr", "inference_steps", "guidance_scale",
-                      "guidance_rescale", "guidance_rescale_std", "strength",
+                      "guidance_rescale", "guidance_rescale_std", "strength", "noise_regularization",
                       "inject_features", "inject_attention", "inject_block",
                       "negative_prompt", "fps")
 

@@ -29,6 +29,13 @@ STRENGTH = 1.0
 GUIDANCE_RESCALE = 0.0
 GUIDANCE_RESCALE_STD = "video"
 
+# Inversion that gives Gaussian noise (pix2pix-zero, Parmar et al. 2023; diffusers' pix2pix-zero pipeline): each
+# predicted noise of the inversion is moved down the gradient of an auto-correlation and a KL penalty.
+NOISE_REG_AUTO_CORR = 20.0
+NOISE_REG_KL = 20.0
+NOISE_REG_STEPS = 5
+NOISE_REG_ROLLS = 5
+
 # Null-text inversion (Mokady et al. 2023): inner Adam iterations per step, their lr, early stop.
 NULL_TEXT_INNER_STEPS = 10
 NULL_TEXT_LEARNING_RATE = 1e-2

@@ -18,17 +18,23 @@ rescaled towards the conditional prediction's standard deviation (Lin et al. 202
 Edit strength (img2img's `strength`): of an n-step grid, the last `int(n * strength)` steps are sampled,
 from the inversion's latent at that level; `ddim_inversion_trajectory` keeps every level, so one inversion
 serves every strength. `InversionCache` stores it as safetensors, keyed by (video, adapter, steps, prompt).
+
+`NoiseRegularization` (pix2pix-zero): during inversion each predicted eps is pushed towards white
+Gaussian noise, per frame, by gradient steps on an auto-correlation penalty (random shifts, at every
+scale down to 8x8) and the KL divergence of its mean and variance from N(0, 1).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
 from .video import atomic_path
 
@@ -152,6 +158,72 @@ def check_start(scheduler, t: int) -> None:
                          "or the schedule the model was trained with")
 
 
+@dataclass(frozen=True)
+class NoiseRegularization:
+    """pix2pix-zero's noise regularisation of inversion: weights of the auto-correlation and KL penalties,
+    gradient steps per inversion step, random shifts per auto-correlation step, and the shifts' seed."""
+
+    auto_corr: float = defaults.NOISE_REG_AUTO_CORR
+    kl: float = defaults.NOISE_REG_KL
+    steps: int = defaults.NOISE_REG_STEPS
+    rolls: int = defaults.NOISE_REG_ROLLS
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.auto_corr < 0 or self.kl < 0 or self.steps < 1 or self.rolls < 1:
+            raise ValueError(f"noise regularisation needs weights >= 0 and at least one step and roll, got {self}")
+
+    def key(self) -> str:
+        return f"noise-reg:{self.auto_corr}:{self.kl}:{self.steps}:{self.rolls}:{self.seed}"
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> (b f, c, h, w): every frame on its own; 4-D tensors pass through."""
+    if x.ndim == 4:
+        return x
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def auto_correlation_loss(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Sum over scales (halved down to 8x8) of the squared mean correlation of each map with itself shifted by a
+    random amount in [1, h/2] along h and along w; white noise scores ~0. `noise`: (n, c, h, w) or a video.
+    (pix2pix-zero draws the shift from [0, h/2): a zero shift penalises the variance itself, which shrinks white
+    noise on small latents; the KL term already holds the variance at 1.)"""
+    x, loss = _frames(noise), noise.new_zeros(())
+    while True:
+        shift = int(torch.randint(1, max(2, x.shape[2] // 2 + 1), (1,), generator=generator))
+        loss = loss + ((x * torch.roll(x, shift, 2)).mean((2, 3)) ** 2).sum()
+        loss = loss + ((x * torch.roll(x, shift, 3)).mean((2, 3)) ** 2).sum()
+        if x.shape[2] <= 8:
+            return loss
+        x = torch.nn.functional.avg_pool2d(x, 2)
+
+
+def kl_loss(noise: torch.Tensor) -> torch.Tensor:
+    """KL divergence (up to a factor) of each frame's mean and variance from N(0, 1), summed over frames."""
+    x = _frames(noise).flatten(1)
+    mean, var = x.mean(1), x.var(1)
+    return (var + mean**2 - 1 - torch.log(var + 1e-7)).sum()
+
+
+def regularize_noise(eps: torch.Tensor, reg: NoiseRegularization, generator: torch.Generator) -> torch.Tensor:
+    """eps moved `reg.steps` times down the gradients of the auto-correlation and KL penalties (pix2pix-zero)."""
+    eps = eps.detach().float()
+    with torch.enable_grad():
+        for _ in range(reg.steps):
+            if reg.auto_corr > 0:
+                for _ in range(reg.rolls):
+                    var = eps.clone().requires_grad_(True)
+                    (grad,) = torch.autograd.grad(auto_correlation_loss(var, generator), var)
+                    eps = eps - reg.auto_corr * grad / reg.rolls
+            if reg.kl > 0:
+                var = eps.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(kl_loss(var), var)
+                eps = eps - reg.kl * grad
+    return eps.detach()
+
+
 @torch.no_grad()
 def ddim_invert(
     unet,
@@ -161,11 +233,13 @@ def ddim_invert(
     num_inference_steps: int = INFERENCE_STEPS,
     progress: Callable | None = None,
     callback: Callable | None = None,
+    noise_regularization: NoiseRegularization | None = None,
 ) -> torch.Tensor:
     """DDIM inversion of clean latents `(b, c, f, h, w)` to x_T, without guidance.
 
     `progress` is an optional context-manager factory `progress(total=n)` (e.g. a pipeline's `progress_bar`).
     `callback(i, t, latents)` sees the latents after every step (e.g. to record the trajectory).
+    `noise_regularization`: pix2pix-zero's penalties on every predicted eps (`regularize_noise`).
     Returns x_T with the same shape and dtype.
     """
     prediction_type(scheduler)
@@ -174,9 +248,12 @@ def ddim_invert(
     x = latents
     bar = progress(total=len(steps)) if progress is not None else None
     previous = None  # the clean end of the grid
+    generator = None if noise_regularization is None else torch.Generator().manual_seed(noise_regularization.seed)
     for i, t in enumerate(reversed(steps)):
         # eps is evaluated at the next (noisier) timestep on the current latents, as in Tune-A-Video
         eps = predict_eps(unet, scheduler, x, t, text_emb)
+        if noise_regularization is not None:
+            eps = regularize_noise(eps, noise_regularization, generator)
         x = ddim_step(eps, x, alpha(scheduler, previous, x.device), alpha(scheduler, t, x.device))
         previous = t
         if callback is not None:
@@ -190,14 +267,14 @@ def ddim_invert(
 
 def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
                               num_inference_steps: int = INFERENCE_STEPS, progress: Callable | None = None,
-                              ) -> torch.Tensor:
+                              noise_regularization: NoiseRegularization | None = None) -> torch.Tensor:
     """[x_0, x_1, ..., x_T] stacked, (steps + 1, b, c, f, h, w): every latent of `ddim_invert` (x_T last).
 
     Sampling at strength S starts from `trajectory[int(steps * S)]`, the latent at the level of
     `timesteps(...)[start_step(steps, S)]`."""
     out = [latents]
     ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, progress=progress,
-                callback=lambda i, t, x: out.append(x))
+                callback=lambda i, t, x: out.append(x), noise_regularization=noise_regularization)
     return torch.stack(out)
 
 

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import defaults
 from .errors import EI2Error, ModelError
 from .files import replace_folder
-from .inversion import InversionCache, ddim_inversion_trajectory, ddim_sample, inversion_key, start_step, tensor_hash
+from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
+                        start_step, tensor_hash)
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
 from .tuning import TuningConfig, TuningResult, tune
@@ -140,6 +141,8 @@ class EI2Pipeline(DiffusionPipeline):
         self.mixed_precision = "fp32"  # "fp32", "fp16" or "bf16": autocast of the UNet, dtype of vae/text encoder
         self.inversion_cache = InversionCache()
         self.windowing: Windowing | None = None  # None: every video in one piece
+        # pix2pix-zero's regularisation of the inverted noise (None: plain DDIM inversion)
+        self.noise_regularization: NoiseRegularization | None = None
 
     def set_windowing(self, window: int | None = defaults.WINDOW, stride: int | None = None,
                       anchors: int = defaults.ANCHOR_FRAMES, batch: int = defaults.WINDOW_BATCH) -> None:
@@ -350,6 +353,8 @@ class EI2Pipeline(DiffusionPipeline):
         `prompt` with this adapter, scheduler and precision."""
         latents = latents.to(self.unet.device, torch.float32)
         extra = f"trajectory|{self.mixed_precision}|{self._schedule_key()}"
+        if self.noise_regularization is not None:
+            extra += "|" + self.noise_regularization.key()
         if self.windowed(latents.shape[2]):
             extra += "|" + self.windowing_key(latents.shape[2])
         return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, extra)
@@ -470,8 +475,8 @@ class EI2Pipeline(DiffusionPipeline):
         """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance: every level
         `[x_0, x_1, ..., x_T]`, `(steps + 1, b, c, f, h, w)` fp32.
 
-        Cached per (video latents, adapter, scheduler, steps, prompt, windowing): editing several prompts at any
-        strengths inverts once.
+        Cached per (video latents, adapter, scheduler, steps, prompt, windowing, `noise_regularization`): editing
+        several prompts at any strengths inverts once.
         """
         if latents is None:
             if frames is None:
@@ -486,7 +491,8 @@ class EI2Pipeline(DiffusionPipeline):
         with self._autocast():
             trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self._ddim(), latents, text,
                                                    num_inference_steps,
-                                                   progress=lambda total: self._bar("inversion", total))
+                                                   progress=lambda total: self._bar("inversion", total),
+                                                   noise_regularization=self.noise_regularization)
         trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
             self.inversion_cache.put(key, trajectory)

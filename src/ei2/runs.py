@@ -279,6 +279,10 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
         raise ConfigError(f"video has {video.num_frames} frames; --window {s.window} needs at least {s.window} "
                           f"(pass a smaller --window, or no --window to edit it in one piece)")
     pipe.set_windowing(s.window, anchors=s.anchor_frames)
+    if s.noise_regularization:
+        from .inversion import NoiseRegularization
+
+        pipe.noise_regularization = NoiseRegularization(seed=s.seed)
     return pipe, video, (height, width)
 
 
@@ -441,6 +445,8 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
         timings["invert_s"] = round(time.perf_counter() - t, 3)
         record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
                                "null_text": s.null_text, "strength": s.strength,
+                               "noise_regularization": None if pipe.noise_regularization is None
+                               else dataclasses.asdict(pipe.noise_regularization),
                                "sampled_steps": _sampled_steps(s)}
         if p2p is not None:
             record["p2p"] = dataclasses.asdict(p2p)

@@ -161,7 +161,8 @@ class App:
 
     def settings(self, choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
                  frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
-                 blend_threshold, inject_features, inject_attention, inject_block) -> cfg.Settings:
+                 blend_threshold, inject_features, inject_attention, inject_block, strength=None,
+                 guidance_rescale=None) -> cfg.Settings:
         """The form as `Settings`, checked as the CLI checks its flags."""
         frames = int(frames)
         if frames > self.max_frames:
@@ -178,6 +179,9 @@ class App:
             blend_words=_words(blend_words), blend_threshold=_optional_float(blend_threshold, "--blend-threshold"),
             inject_features=float(inject_features), inject_attention=float(inject_attention),
             inject_block=int(inject_block), quiet=True,
+            strength=self.defaults.strength if strength is None else float(strength),
+            guidance_rescale=self.defaults.guidance_rescale if guidance_rescale is None else float(guidance_rescale),
+            guidance_rescale_std=self.defaults.guidance_rescale_std,
         )
         s = cfg.Settings(**values)
         s.explicit = frozenset(values)  # the form sets every value: a model's defaults replace none of them
@@ -219,7 +223,7 @@ class App:
             argv += ["--target-prompt", p]
         for name in ("model", "recipe", "adapter", "frames", "steps", "inference_steps", "guidance_scale", "seed",
                      "device", "negative_prompt", "p2p", "self_replace", "blend_threshold", "inject_features",
-                     "inject_attention", "inject_block"):
+                     "inject_attention", "inject_block", "strength", "guidance_rescale", "guidance_rescale_std"):
             value = getattr(s, name)
             if value is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
@@ -358,6 +362,13 @@ class App:
                         with gr.Row():
                             guidance = gr.Number(d.guidance_scale, label="Guidance scale", elem_id="ei2-guidance")
                             seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="ei2-seed")
+                        with gr.Row():
+                            strength = gr.Slider(0.04, 1, value=d.strength, step=0.02,
+                                                 label="Edit strength (fraction of the steps sampled again)",
+                                                 elem_id="ei2-strength")
+                            guidance_rescale = gr.Slider(0, 1, value=d.guidance_rescale, step=0.05,
+                                                         label="Guidance rescale (0: off)",
+                                                         elem_id="ei2-guidance-rescale")
                         negative = gr.Textbox("", label="Negative prompt", elem_id="ei2-negative")
                         reuse = gr.Checkbox(True, label="Reuse tuning (when this video and these settings already "
                                                         "have an adapter)", elem_id="ei2-reuse")
@@ -396,7 +407,7 @@ class App:
             upload.upload(self.on_upload, upload, [source, preview], queue=False)
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
-                    inject_attention, inject_block, reuse]
+                    inject_attention, inject_block, strength, guidance_rescale, reuse]
             run.click(self.run, form, [status, grid, edits, downloads], concurrency_limit=1,
                       concurrency_id="ei2-jobs", api_name="edit")
         demo.queue(default_concurrency_limit=1, max_size=32)
