@@ -1,6 +1,8 @@
 """Reading and writing videos: sampling, resize + centre-crop, formats, atomic writes, clear errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -80,3 +82,70 @@ def test_grid_places_videos_side_by_side_with_captions():
     assert grid.shape[0] == 2 and grid.shape[2] == 34 and grid.shape[1] > 16
     assert np.array_equal(grid[:, -16:, :16], a) and np.array_equal(grid[:, -16:, 18:], b)
     assert make_grid([a]).shape == a.shape
+
+
+# ---------------------------------------------------------------------------------------------- cut-off videos
+def noise_frames(n=30, h=32, w=32):
+    """Noise: every frame is a large packet, so a cut lands inside a frame's data."""
+    return np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def streamable_copy(src, dst):
+    """The same mp4 with its index first (`-movflags faststart`, as web videos are): a cut-off copy still opens."""
+    import av
+
+    with av.open(str(src)) as source, av.open(str(dst), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+def frame_packets(path):
+    """(byte offset, size) of every frame's data, in file order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+
+
+REMEDY = r"copy or download it again, or re-encode it \(ffmpeg -i "
+
+
+@pytest.mark.parametrize("case", ["cut inside a frame", "cut between frames", "index at the end cut off", "gif cut"])
+def test_a_video_that_breaks_off_mid_stream_gives_one_clear_error(tmp_path, case):
+    """Issue 17, defect 6: a copy cut off mid-stream was read as a shorter video without a word."""
+    frames = noise_frames()
+    whole = write_mp4(frames, tmp_path / "whole.mp4")
+    if case == "gif cut":
+        whole = write_gif(frames, tmp_path / "whole.gif")
+        data = whole.read_bytes()
+        cut, message = data[: len(data) // 2], r"cut off or corrupt \(decoding failed after \d+ frames"
+    elif case == "index at the end cut off":  # write_mp4's own layout: without its index nothing decodes
+        data = whole.read_bytes()
+        cut, message = data[: len(data) * 6 // 10], r"cannot read video .*: corrupt or unsupported file"
+    else:
+        streamable = streamable_copy(whole, tmp_path / "streamable.mp4")
+        data, (pos, size) = streamable.read_bytes(), frame_packets(streamable)[27]
+        if case == "cut inside a frame":
+            cut = data[: pos + size // 2]
+            message = r"cut off or corrupt \(the data of frame 28 of the 30 its index lists is cut off"
+        else:
+            cut, message = data[:pos], r"cut off or corrupt \(it holds 27 frames of the 30 its index lists"
+        # the intact copy reads whole
+        assert read_video(streamable).num_frames == 30
+    broken = tmp_path / f"broken{whole.suffix}"
+    broken.write_bytes(cut)
+    with pytest.raises(VideoError, match=message) as error:
+        read_video(broken)
+    text = str(error.value)
+    print(f"{case}: {text}")
+    assert "\n" not in text and str(broken) in text and f"ffmpeg -i broken{whole.suffix} " in text
+    assert re.search(REMEDY, text)
+    with pytest.raises(VideoError, match=message):  # asking for more frames than there are: the same error
+        read_video(broken, num_frames=30, size=(16, 16))
+    if case != "index at the end cut off":  # the frames before the break are read when they are all that is asked
+        first = read_video(broken, num_frames=3)
+        assert np.array_equal(first.frames, read_video(whole, num_frames=3).frames)

@@ -423,3 +423,46 @@ def test_two_accelerate_processes_share_the_windows_and_give_the_one_process_edi
     diff = np.abs(two_frames - one_frames)
     print(f"2 processes vs 1: largest pixel difference {diff.max()}, mean {diff.mean():.4f}")
     assert two_frames.shape == (24, 32, 32, 3) and diff.max() <= 1
+
+
+def test_three_processes_for_two_windows_give_the_one_process_p2p_edit(tiny_sd, long_video, isolated):
+    """Issue 17, defect 3: a Prompt-to-Prompt windowed edit (local blend and saved attention read the controller's
+    maps, summed over the processes at every step) on more processes than windows: the process without a window
+    takes part in every collective, and the edit, its mask and its maps are the one-process ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ei2.video import read_video
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    args = ["edit", str(long_video), "--model", str(tiny_sd), "--source-prompt", "a red square", "--target-prompt",
+            "a tan square", "--frames", "10", "--window", "8", "--steps", "1", "--inference-steps", "3", "--quiet",
+            "--device", "cpu", "--p2p", "replace", "--blend-words", "red", "tan", "--save-attention", "tan"]
+    # the README's command: --multi_gpu starts the processes on a machine without GPUs too (gloo)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "3",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ei2"]
+    three = subprocess.run([*launch, *args, "--out", str(isolated / "three")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert three.returncode == 0, three.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "ei2", *args, "--out", str(isolated / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = {name: json.loads((isolated / name / "run.json").read_text()) for name in ("one", "three")}
+    assert runs["three"]["windowing"]["processes"] == 3 and runs["one"]["windowing"]["processes"] == 1
+    assert runs["three"]["windowing"]["starts"] == [0, 2]  # 2 windows: rank 2 runs none
+    assert runs["three"]["p2p"] == runs["one"]["p2p"] and runs["three"]["p2p"]["mode"] == "replace"
+    assert sorted(p.name for p in isolated.iterdir() if p.name != "cache") == ["one", "three"]  # ranks 1, 2: nothing
+    edits = {name: read_video(isolated / name / "edits" / "01-a-tan-square.gif").frames.astype(int)
+             for name in ("one", "three")}
+    maps = {name: np.asarray(Image.open(isolated / name / "edits" / "01-a-tan-square.attention-tan.png"), dtype=int)
+            for name in ("one", "three")}
+    diff, map_diff = np.abs(edits["three"] - edits["one"]), np.abs(maps["three"] - maps["one"])
+    print(f"3 processes vs 1: largest pixel difference {diff.max()} (mean {diff.mean():.4f}), "
+          f"attention map {map_diff.max()}")
+    assert edits["three"].shape == (10, 32, 32, 3) and diff.max() <= 1
+    assert map_diff.max() <= 1 and maps["one"].std() > 0

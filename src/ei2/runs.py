@@ -6,7 +6,7 @@ A run is built in `<out>.partial/` (`Staging`) and renamed to `<out>` when compl
 is either whole or absent. Bad input raises an `EI2Error` (or `AdapterMismatchError`) and leaves no
 run folder; an interrupted tuning keeps its checkpoints in `<out>.partial/` for `resume`.
 
-Under `accelerate launch --num_processes N`, `edit` shares the windows of a long video out among the
+Under `accelerate launch --multi_gpu --num_processes N`, `edit` shares the windows of a long video out among the
 processes (DESIGN §1.10, `ei2.windows`): every process tunes (rank 0's tensors are then broadcast),
 inverts and edits its windows, merged at every step; only rank 0 writes the run folder.
 

@@ -55,7 +55,8 @@ def read_video(
     """Read frames `start, start + stride, ...` (`num_frames` of them, or all) of a video file or folder.
 
     `size` is `(height, width)`: each frame is resized to cover it and centre-cropped.
-    Raises `VideoError` for a missing, unreadable or too-short video.
+    Raises `VideoError` for a missing, unreadable or too-short video, and for one that breaks off (cut off or
+    corrupt) before the frames asked for: never fewer frames without a word.
     """
     path = Path(path)
     if num_frames is not None and num_frames < 1:
@@ -105,11 +106,29 @@ def read_video(
     return Video(array, fps / stride, path, total if needed is None or total > needed else None)
 
 
+def _remedy(path: Path) -> str:
+    """What to do with a file that does not decode: copy it again, or re-encode what decodes."""
+    return (f"copy or download it again, or re-encode it "
+            f"(ffmpeg -i {path.name} {path.stem}-fixed{path.suffix.lower() or '.mp4'}) and read that")
+
+
+def _broken_video(path: Path, detail: str) -> VideoError:
+    """The one error for a video that breaks off mid-stream (cut off or corrupt after some frames)."""
+    return VideoError(f"{path}: the video is cut off or corrupt ({detail}); {_remedy(path)}")
+
+
 def _read_container(path: Path, needed: int | None, take) -> tuple[int, float]:
-    """Decode frames, handing each to `take(index, image)`; returns (frames decoded, fps)."""
+    """Decode frames, handing each to `take(index, image)`; returns (frames decoded, fps).
+
+    A video that breaks off before the frames asked for (all of them when `needed` is None) raises one
+    `VideoError`: a decoding error after some frames, a frame whose data is cut off (the demuxer flags the
+    packet corrupt), or, in mp4/mov (whose index lists every frame), fewer frames in the file than the index.
+    Frames past the ones needed are not read, so a video broken after them still reads.
+    """
     import av
 
-    count = 0
+    count = packets = 0
+    broken: str | None = None
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -118,7 +137,23 @@ def _read_container(path: Path, needed: int | None, take) -> tuple[int, float]:
             stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else DEFAULT_FPS
-            for frame in container.decode(stream):
+            # mp4/mov index every frame (stream.frames is exact); other containers' counts are estimates or 0
+            indexed = stream.frames if "mov" in container.format.name.split(",") else 0
+
+            def frames():
+                nonlocal packets, broken
+                for packet in container.demux(stream):
+                    if packet.size and packet.is_corrupt:
+                        of = f" of the {indexed} its index lists" if indexed else ""
+                        broken = f"the data of frame {packets + 1}{of} is cut off"
+                        return
+                    if packet.size or packet.dts is not None:  # not the empty packet that flushes the decoder
+                        packets += 1
+                    yield from packet.decode()
+                if indexed and packets < indexed:
+                    broken = f"it holds {packets} frames of the {indexed} its index lists"
+
+            for frame in frames():
                 take(count, frame.to_image())
                 count += 1
                 if needed is not None and count >= needed:
@@ -127,7 +162,10 @@ def _read_container(path: Path, needed: int | None, take) -> tuple[int, float]:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:  # InvalidDataError, EOF, bad headers
         if not count:
-            raise VideoError(f"cannot read video {path}: corrupt or unsupported file ({e})") from e
+            raise VideoError(f"cannot read video {path}: corrupt or unsupported file ({e}); {_remedy(path)}") from e
+        raise _broken_video(path, f"decoding failed after {count} frames: {e}") from e
+    if broken is not None:
+        raise _broken_video(path, f"{broken}; {count} frame{'s' if count != 1 else ''} decoded")
     return count, fps
 
 
@@ -143,7 +181,8 @@ def _read_gif(path: Path, needed: int | None, take) -> tuple[int, float]:
                     break
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         if not count:
-            raise VideoError(f"cannot read gif {path}: corrupt or unsupported file ({e})") from e
+            raise VideoError(f"cannot read gif {path}: corrupt or unsupported file ({e}); {_remedy(path)}") from e
+        raise _broken_video(path, f"decoding failed after {count} frames: {e}") from e
     fps = 1000.0 / duration if duration else DEFAULT_FPS
     return count, fps
 

@@ -28,8 +28,9 @@ batch in turn (windows are then not stacked in one batch); their step counters a
 step, in the sampler's callback, not once per window. The cross-attention maps a controller stores for
 one step are merged over the windows with the same weights, so they are maps of the whole video.
 
-Under `accelerate launch --num_processes N` (torch.distributed initialised), process r runs windows
-r, r + N, ... and the partial merges are summed with `all_reduce` at every step: the same result as one
+Under `accelerate launch --multi_gpu --num_processes N` (torch.distributed initialised), process r runs windows
+r, r + N, ... and the partial merges (outputs and controllers' maps) are summed with one `all_reduce` at every
+step, in a layout every process agrees on (a process with no window adds zeros): the same result as one
 process.
 """
 from __future__ import annotations
@@ -153,8 +154,11 @@ def _distributed() -> tuple[int, int]:
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, str]:
-    """Under `accelerate launch --num_processes N`: join the process group (gloo on the CPU, nccl on GPUs) and
-    return (rank, world size, this process's device); a single process returns (0, 1, device) unchanged."""
+    """Under `accelerate launch --multi_gpu --num_processes N`: join the process group (gloo on the CPU, nccl on
+    GPUs) and return (rank, world size, this process's device); a single process returns (0, 1, device) unchanged.
+
+    `--multi_gpu` starts N processes (torchrun's) on CPU machines too; without it accelerate starts one process
+    unless it finds several GPUs, and `--cpu` alone starts one (several need MPI)."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -255,11 +259,39 @@ class WindowedUNet:
         finally:
             context.anchor_tokens = {}
         if world > 1:
-            if out is None:  # more processes than windows
-                out = sample.new_zeros(sample.shape, dtype=torch.float32)
-            torch.distributed.all_reduce(out)
-            for key in sorted(maps, key=lambda key: key[1].name):  # the same order in every process
-                torch.distributed.all_reduce(maps[key])
+            out, maps = _sum_over_processes(out, maps, list(controllers), sample,
+                                            share_layout=len(self.starts) < world)
         for (cid, place), m in maps.items():
             controllers[cid].step_maps[place] = m
         return VideoUNetOutput(sample=out) if return_dict else (out,)
+
+
+def _sum_over_processes(out, maps, controller_ids, sample, share_layout):
+    """Sum every process's partial merges (`out`, b c f h w, and the controllers' maps) with one `all_reduce`.
+
+    Every process makes the same collective calls, whichever windows it ran: the tensors are flattened into
+    one in an agreed layout, the output first, then the maps sorted by (controller, layer name), a process
+    without a map (or without any window) putting zeros in its place. The layout is the same in every process
+    that ran a window (the same controllers and layers see every window); when some process ran none
+    (`share_layout`: more processes than windows), rank 0, which always runs window 0, sends it to all.
+    Returns the summed `out` and `maps`, keyed as `maps` is.
+    """
+    index = {cid: i for i, cid in enumerate(controller_ids)}  # controllers in the UNet's processor order
+    layout = sorted(((index[cid], place, tuple(m.shape)) for (cid, place), m in maps.items()),
+                    key=lambda entry: (entry[0], entry[1].name))
+    out_shape = None if out is None else tuple(out.shape)
+    if share_layout:
+        box = [(out_shape, layout)]
+        torch.distributed.broadcast_object_list(box, src=0, device=sample.device)
+        out_shape, layout = box[0]
+    if out is None:  # more processes than windows: this one adds nothing
+        out = sample.new_zeros(out_shape, dtype=torch.float32)
+    parts = [out]
+    for i, place, shape in layout:
+        m = maps.get((controller_ids[i], place))
+        parts.append(out.new_zeros(shape) if m is None else m.to(out))
+    flat = torch.cat([part.reshape(-1) for part in parts])
+    torch.distributed.all_reduce(flat)
+    pieces = flat.split([part.numel() for part in parts])
+    summed = {(controller_ids[i], place): piece.view(shape) for (i, place, shape), piece in zip(layout, pieces[1:])}
+    return pieces[0].view(out.shape), summed  # fp32, as the controllers store their maps

@@ -8,8 +8,8 @@
 A job is built in `jobs/<id>.partial/` and renamed when complete, so a job folder with its job.json
 is the job's done marker: a resumed run (the same command again) skips it. Every process lists the
 unfinished jobs, all wait for each other, then `PartialState.split_between_processes` hands each
-process its share; `accelerate launch -m ei2 bench SPEC` runs the same spec on several CPU processes,
-GPUs or machines.
+process its share; `accelerate launch --multi_gpu --num_processes N -m ei2 bench SPEC` runs the same spec
+on N CPU processes (`--multi_gpu` starts them on a machine without GPUs too), GPUs or machines.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import replace_folder
 from .spec import BenchSpec, Job
 
 JOB_FILE = "job.json"
@@ -146,9 +147,7 @@ class Runner:
             "edits": edits,
         }
         _write_json(partial / JOB_FILE, record)
-        if final.exists():  # --overwrite of a finished job
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        replace_folder(partial, final)  # a finished job (--overwrite) is replaced in one rename
         return record
 
 
