@@ -213,3 +213,48 @@ def test_training_runs_resumes_and_exports(tmp_path):
     assert pipe.unet.config.sample_size == 16
     latent_std = json.loads((tmp_path / "work" / "vae" / "final.json").read_text())["latent_std"]
     assert pipe.vae.config.scaling_factor == pytest.approx(1 / latent_std)
+
+
+def test_v_prediction_zero_snr_training_and_its_exported_scheduler(tmp_path):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from ei2.shapes import models, train
+
+    common = ["--device", "cpu", "--batch-size", "2", "--pool", "8", "--work", str(tmp_path / "work"),
+              "--assets", str(tmp_path / "assets"), "--threads", "1"]
+    with pytest.raises(SystemExit):  # an epsilon model cannot use a zero-SNR schedule
+        train.main(["unet", "--steps", "1", "--zero-snr", *common])
+    assert train.main(["clip", "--steps", "1", *common]) == 0 and train.main(["vae", "--steps", "1", *common]) == 0
+    v2 = ["--prediction-type", "v_prediction", "--zero-snr"]
+    assert train.main(["unet", "--steps", "2", *v2, *common]) == 0
+    with pytest.raises(SystemExit, match="same options"):  # resuming under another schedule is refused
+        train.main(["unet", "--steps", "3", "--resume", *common])
+    # the loss is the v target: sqrt(a) eps - sqrt(1 - a) x0, written out here for one batch
+    stage = train.UnetStage(train.replace(train.DEFAULTS["cpu"]["unet"], batch_size=3, pool=8,
+                                          prediction_type="v_prediction", zero_snr=True),
+                            torch.device("cpu"), seed=0, workers=1)
+    stage.model = stage.build()
+    seen = {}
+    stage.model.register_forward_hook(lambda m, args, kwargs, out: seen.update(x=args[0], t=args[1], out=out.sample),
+                                      with_kwargs=True)
+    gen = train.step_generator(0, 5, "cpu")
+    loss = stage.loss(5, gen)
+    g = train.step_generator(0, 5, "cpu")  # replay the draws of `loss`
+    idx = torch.randint(len(stage.lat_mean), (3,), generator=g)
+    eps0 = torch.randn(stage.lat_mean[idx].shape, generator=g)
+    z0 = (stage.lat_mean[idx] + stage.lat_std[idx] * eps0) * stage.scale
+    torch.randint(1, len(train.MOTION_OPTIONS), (3,), generator=g)  # motion option
+    torch.rand(3, generator=g)  # with a motion phrase or not
+    torch.rand(3, generator=g)  # caption dropout
+    t = torch.randint(0, 1000, (3,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    assert torch.equal(t, seen["t"])
+    sched = DDPMScheduler(**models.schedule("v_prediction", True))
+    assert float(sched.alphas_cumprod[-1]) == 0.0
+    torch.testing.assert_close(seen["x"], sched.add_noise(z0, noise, t))
+    expected = torch.nn.functional.mse_loss(seen["out"], sched.get_velocity(z0, noise, t))
+    torch.testing.assert_close(loss, expected)
+    assert train.main(["export", *common]) == 0
+    exported = DDIMScheduler.from_pretrained(tmp_path / "assets" / "shapes-sd", subfolder="scheduler").config
+    assert (exported.prediction_type, exported.rescale_betas_zero_snr, exported.timestep_spacing) == (
+        "v_prediction", True, "trailing")

@@ -278,12 +278,16 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
     if video.num_frames < s.window and "window" in getattr(s, "explicit", ()):
         raise ConfigError(f"video has {video.num_frames} frames; --window {s.window} needs at least {s.window} "
                           f"(pass a smaller --window, or no --window to edit it in one piece)")
-    pipe.set_windowing(s.window, anchors=s.anchor_frames)
-    if s.noise_regularization:
-        from .inversion import NoiseRegularization
-
-        pipe.noise_regularization = NoiseRegularization(seed=s.seed)
+    configure(pipe, s)
     return pipe, video, (height, width)
+
+
+def configure(pipe, s: cfg.Settings) -> None:
+    """The pipeline-wide options of the settings: windows of long videos, the inversion's noise regularisation."""
+    from .inversion import NoiseRegularization
+
+    pipe.set_windowing(s.window, anchors=s.anchor_frames)
+    pipe.noise_regularization = NoiseRegularization(seed=s.seed) if s.noise_regularization else None
 
 
 def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, record: dict,

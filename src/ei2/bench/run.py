@@ -67,6 +67,35 @@ class Log:
             f.write(line + "\n")
 
 
+def job_settings(job: Job, prompts: list[str]):
+    """The `ei2 edit` settings of a benchmark job (its spec settings; the bench applies no model defaults)."""
+    from .. import config as cfg
+
+    s = job.settings
+    names = ("steps", "lr", "inference_steps", "guidance_scale", "inject_features", "inject_attention", "inject_block",
+             "strength", "guidance_rescale", "guidance_rescale_std", "noise_regularization", "frames", "seed")
+    values = {k: s[k] for k in names if k in s}
+    values.update(source_prompt=job.video.source_prompt, target_prompt=list(prompts), seed=job.seed, quiet=True)
+    settings = cfg.Settings(**values)
+    settings.explicit = frozenset(values)
+    return settings
+
+
+def edit_frames(settings, pipe, latents, edits_dir: Path) -> list:
+    """Invert once, then edit every target prompt with `ei2.runs.edit_one`, the function `ei2 edit` uses."""
+    from .. import runs
+
+    inverted = None
+    if not settings.null_text:
+        inverted = pipe.invert(latents=latents, prompt=settings.source_prompt,
+                               num_inference_steps=settings.inference_steps, strength=settings.strength)
+    out = []
+    for i, prompt in enumerate(settings.target_prompt, 1):
+        frames, _ = runs.edit_one(settings, pipe, latents, inverted, prompt, None, edits_dir / f"{i:02d}")
+        out.append(frames)
+    return out
+
+
 class Runner:
     """Runs jobs in one process: a model per job (tuning changes it), one CLIP scorer for all."""
 
@@ -85,7 +114,7 @@ class Runner:
     def run(self, job: Job) -> dict:
         import torch
 
-        from ..control import InjectionConfig, controlled_edit
+        from .. import runs
         from ..metrics.evaluate import evaluate_edits
         from ..pipeline import EI2Pipeline
         from ..video import write_gif
@@ -100,6 +129,8 @@ class Runner:
         pipe = EI2Pipeline.from_pretrained(self.spec.model, recipe=job.recipe.recipe, device=self.device,
                                            dtype=s["dtype"])
         pipe.set_progress_bar_config(disable=self.quiet)
+        settings = job_settings(job, [e.prompt for e in job.video.edits])
+        runs.configure(pipe, settings)
         frames, centres, fps = job.video.load(s, s["size"] or pipe.default_size)
         torch.manual_seed(job.seed)
         latents = pipe.encode_frames(frames)
@@ -112,18 +143,8 @@ class Runner:
             losses = result.losses
             timings["tune_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        inverted = pipe.invert(latents=latents, prompt=job.video.source_prompt,
-                               num_inference_steps=s["inference_steps"])
-        prompts = [e.prompt for e in job.video.edits]
-        injection = InjectionConfig(s["inject_features"], s["inject_attention"], s["inject_block"])
-        if injection.active(s["inference_steps"]):  # one source branch beside all the edits of the video
-            result = controlled_edit(pipe, latents, job.video.source_prompt, prompts, injection=injection,
-                                     num_inference_steps=s["inference_steps"], guidance_scale=s["guidance_scale"])
-            edited = pipe.decode_latents(result.latents)
-        else:
-            generator = torch.Generator().manual_seed(job.seed)
-            edited = pipe(prompts, latents=inverted, num_inference_steps=s["inference_steps"],
-                          guidance_scale=s["guidance_scale"], generator=generator).frames  # (e, f, h, w, 3)
+        prompts = settings.target_prompt
+        edited = edit_frames(settings, pipe, latents, partial / "edits")  # as `ei2 edit` does
         timings["edit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         rows = evaluate_edits(list(zip(prompts, edited)), frames, job.video.source_prompt, self.spec.metrics,

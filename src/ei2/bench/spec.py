@@ -50,6 +50,9 @@ SETTINGS = {  # key: (type, default)
     "inference_steps": (int, 25), "guidance_scale": (float, 7.5), "dtype": (str, "auto"),
     # structure-preserving injection (DESIGN §1.9): fractions of the steps, decoder block
     "inject_features": (float, 0.0), "inject_attention": (float, 0.0), "inject_block": (int, 1),
+    # edit strength, rescaled guidance, pix2pix-zero noise regularisation (issue 19; `ei2 edit`'s options)
+    "strength": (float, 1.0), "guidance_rescale": (float, 0.0), "guidance_rescale_std": (str, "video"),
+    "noise_regularization": (bool, False),
 }
 TOP_KEYS = ("name", "model", "clip_model", "metrics", "settings", "recipes", "seeds", "videos", "quick")
 VIDEO_KEYS = ("name", "source_prompt", "path", "shapes", "edits")

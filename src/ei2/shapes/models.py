@@ -71,7 +71,7 @@ def schedule(prediction_type: str = "epsilon", zero_snr: bool = False) -> dict:
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
     if zero_snr and prediction_type == "epsilon":
         raise ValueError("a zero-terminal-SNR schedule needs prediction_type='v_prediction' (epsilon cannot give x0 at t = T)")
-    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0) if zero_snr else {}
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}  # trailing ignores steps_offset
     return {**SD_SCHEDULE, "prediction_type": prediction_type, **extra}
 
 

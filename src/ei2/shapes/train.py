@@ -560,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "unet":
             overrides.update({k: getattr(args, k) for k in ("prediction_type", "offset_noise") if getattr(args, k) is not None})
             overrides["zero_snr"] = args.zero_snr
-            models.schedule(overrides.get("prediction_type", "epsilon"), args.zero_snr)  # refuses epsilon + zero SNR
+            try:
+                models.schedule(overrides.get("prediction_type", "epsilon"), args.zero_snr)
+            except ValueError as e:  # epsilon + zero SNR
+                parser.error(str(e))
         cfg = replace(cfg, **overrides)
         print(f"[{name}] {cfg} on {args.device}", flush=True)
         STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(
