@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +30,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 MAX_UPLOAD_MB = 1
+MAX_STEPS, MAX_INFERENCE_STEPS, MAX_PROMPTS, KEEP_RUNS = 300, 12, 3, 4
 JOB_TIMEOUT_MS = 150_000
+SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
 
 
 def _free_port() -> int:
@@ -81,7 +85,9 @@ def server(tmp_path_factory):
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "ei2", "serve", "--port", str(port), "--out", str(out), "--device", "cpu",
-         "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-frames", "8"],
+         "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-frames", "8", "--max-steps", str(MAX_STEPS),
+         "--max-inference-steps", str(MAX_INFERENCE_STEPS), "--max-prompts", str(MAX_PROMPTS),
+         "--keep-runs", str(KEEP_RUNS)],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -133,6 +139,9 @@ def _tiny(page, targets: str | None = None) -> None:
 def _pick_sample(page, label: str) -> None:
     page.locator("#ei2-source input").click()
     page.get_by_role("option", name=label, exact=True).click()
+    # the sample fills the prompts and the preview in one answer: wait for it, so that it cannot overwrite
+    # prompts typed after this
+    page.wait_for_selector(f"#ei2-preview video[src*='{label.replace(' ', '_')}']", timeout=15_000)
 
 
 def _duration(page, selector: str) -> float:
@@ -150,6 +159,53 @@ def _run_folders(server) -> list[Path]:
     return sorted(p for p in (server["out"] / "runs").iterdir() if (p / "run.json").is_file())
 
 
+def _log(server) -> str:
+    return (server["root"] / "server.log").read_text()
+
+
+def _wait_for_log(server, text: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in _log(server):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} not in the server's log after {timeout} s:\n{_log(server)[-3000:]}")
+        time.sleep(0.25)
+    return _log(server)
+
+
+def _run_and_wait(page, server) -> dict:
+    """Press Edit, wait for the job's end; the run.json of its run folder (from the "done: runs/..." line)."""
+    status = page.locator("#ei2-status")
+
+    def done() -> str | None:
+        text = status.inner_text()
+        if "ei2: error" in text:
+            pytest.fail(text)
+        return text.split("done:")[1].split()[0] if "done:" in text else None
+
+    before = done()
+    page.locator("#ei2-run").click()
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+    while done() in (None, before):  # the run folder of this job, not the one the last job left on the page
+        assert time.monotonic() < deadline, status.inner_text()
+        time.sleep(0.2)
+    return json.loads((server["out"] / done() / "run.json").read_text())
+
+
+def _open_accordion(page, label: str) -> None:
+    page.get_by_role("button", name=label).first.click()
+
+
+def _set_number(page, selector: str, value: str) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(value)
+    box.press("Tab")
+
+
+def _served_url(page, server, selector: str) -> str:
+    src = page.locator(selector).first.get_attribute("src")
+    return src if src.startswith("http") else server["url"].rstrip("/") + "/" + src.lstrip("/")
+
+
 def test_edit_of_the_shapes_sample_plays_and_downloads_its_mp4(server, browser, tmp_path):
     from ei2.video import read_video
 
@@ -164,8 +220,10 @@ def test_edit_of_the_shapes_sample_plays_and_downloads_its_mp4(server, browser, 
     status = page.locator("#ei2-status").inner_text()
     assert "inversion" in status and "edit 1/1" in status and "done:" in status, status
     assert _duration(page, "#ei2-grid video") > 0
-    page.wait_for_selector("#ei2-edits video")
-    assert _duration(page, "#ei2-edits video") > 0
+    edit = page.wait_for_selector("#ei2-edits img[src$='.gif']")  # the edit plays at once, as a gif
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=edit)
+    assert edit.evaluate("(img) => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    assert edit.bounding_box()["width"] >= 4 * 64  # shown large enough to see
 
     link = page.locator('#ei2-downloads a[download^="01-a-blue-square"][download$=".mp4"]')
     with page.expect_download() as download:
@@ -180,8 +238,16 @@ def test_edit_of_the_shapes_sample_plays_and_downloads_its_mp4(server, browser, 
     assert record["command"] == "edit" and record["settings"]["steps"] == 2
     assert record["outputs"]["edits"][0]["prompt"] == "a blue square moving right on a gray background"
     assert (folder / "adapter").is_dir() and (folder / "grid.mp4").is_file()
+    # large enough to see: the 64x64 frames as 256x256 tiles (nearest), under a caption block shorter than them
+    grid = read_video(folder / "grid.mp4").frames
+    assert grid.shape[2] == 2 * 256 + 4 and 256 < grid.shape[1] <= 256 + 256 // 3, grid.shape
+    shown = page.locator("#ei2-grid video").bounding_box()
+    assert shown["width"] >= 500, shown  # and shown at (at least) that size on the page
     if os.environ.get("EI2_APP_SCREENSHOT"):
+        from PIL import Image
+
         page.screenshot(path=os.environ["EI2_APP_SCREENSHOT"], full_page=True)
+        Image.fromarray(grid[len(grid) // 2]).save(Path(os.environ["EI2_APP_SCREENSHOT"]).with_suffix(".grid.png"))
     page.close()
 
 
@@ -241,7 +307,7 @@ def test_oversized_uploads_and_files_outside_the_output_folder_are_refused(serve
     assert code == 413
 
     out = server["out"]
-    inside = out / "samples" / "blue_square_down.mp4"
+    inside = out / ".gradio" / "files" / "samples" / "blue_square_down.mp4"
     assert _get(server["url"] + f"gradio_api/file={inside}") == 200  # the app's own files are served
     outside = [Path("/etc/passwd"), Path(__file__).resolve(), server["root"] / "server.log"]
     for path in outside:
@@ -249,3 +315,241 @@ def test_oversized_uploads_and_files_outside_the_output_folder_are_refused(serve
             assert _get(server["url"] + f"{route}{path}") in (403, 404), (route, path)
         assert _get(server["url"] + f"gradio_api/file={out}/../{path.name}") in (403, 404)
     assert _get(server["url"] + "gradio_api/file=../../../../../../etc/passwd") in (403, 404)
+
+
+# ---------------------------------------------------------------------------------------------- issue 17
+def test_a_p2p_job_does_not_inject_unless_the_sliders_are_moved(server, browser):
+    """Defect 1: the app marked every form value as given, so the model's injection (0.5/0.5, for plain edits
+    only) was on in every P2P job of the app, which `ei2 edit --p2p` keeps off."""
+    page = _open(browser, server)
+    _pick_sample(page, "red circle right")
+    _tiny(page, "a blue square moving right on a gray background")
+    _open_accordion(page, "Structure")
+    features = page.locator("#ei2-inject-features input[type=number]").first
+    assert float(features.input_value()) == 0.5  # a plain edit: the model's default
+    _open_accordion(page, "Prompt-to-Prompt")
+    page.locator("#ei2-p2p input").click()
+    page.get_by_role("option", name="replace", exact=True).click()
+    sync_api.expect(features).to_have_value("0")  # with P2P the model's injection is off, and the page says so
+    untouched = _run_and_wait(page, server)
+    assert untouched["p2p"]["mode"] == "replace"
+    assert "injection" not in untouched, untouched.get("injection")
+    assert untouched["settings"]["inject_features"] == 0 and untouched["settings"]["inject_attention"] == 0
+    assert not any(a.startswith("--inject") for a in untouched["argv"]), untouched["argv"]
+
+    _set_number(page, "#ei2-inject-features", "0.5")  # moved: injection is asked for, as --inject-features 0.5
+    moved = _run_and_wait(page, server)
+    assert moved["p2p"]["mode"] == "replace" and moved["injection"]["features"] == 0.5, moved.get("injection")
+    assert moved["settings"]["inject_attention"] == 0
+    assert moved["argv"][moved["argv"].index("--inject-features") + 1] == "0.5"
+    page.close()
+
+
+def test_caps_and_an_emptied_number_box_give_the_one_line_error(server, browser):
+    """Defect 5: tuning steps, inference steps and target prompts had no cap; an emptied box raised a TypeError."""
+    page = _open(browser, server)
+    _pick_sample(page, "red circle right")
+    cases = [
+        ("#ei2-steps", str(MAX_STEPS + 1), f"ei2: error: --steps {MAX_STEPS + 1} is over this app's limit of "
+                                           f"{MAX_STEPS} (ei2 serve --max-steps)"),
+        ("#ei2-inference-steps", str(MAX_INFERENCE_STEPS + 1),
+         f"ei2: error: --inference-steps {MAX_INFERENCE_STEPS + 1} is over this app's limit of {MAX_INFERENCE_STEPS} "
+         "(ei2 serve --max-inference-steps)"),
+        ("#ei2-steps", "", "ei2: error: Tuning steps (--steps) is empty; type a number"),
+        ("#ei2-guidance", "", "ei2: error: Guidance scale (--guidance-scale) is empty; type a number"),
+    ]
+    for selector, value, message in cases:
+        _tiny(page, "a blue square moving right on a gray background")
+        page.locator(f"{selector} input").fill(value)
+        page.locator("#ei2-run").click()
+        sync_api.expect(page.locator("#ei2-status")).to_contain_text(message, timeout=30_000)
+        assert page.locator("#ei2-status .ei2-error").inner_text().count("\n") == 0
+        page.locator("#ei2-guidance input").fill("7.5")
+    _tiny(page, "\n".join(f"a {c} square moving right on a gray background" for c in
+                          ("blue", "green", "yellow", "purple")[: MAX_PROMPTS + 1]))
+    page.locator("#ei2-run").click()
+    sync_api.expect(page.locator("#ei2-status")).to_contain_text(
+        f"ei2: error: {MAX_PROMPTS + 1} target prompts are over this app's limit of {MAX_PROMPTS} per job "
+        "(ei2 serve --max-prompts)", timeout=30_000)
+    assert "TypeError" not in _log(server) and server["process"].poll() is None
+    page.close()
+
+
+def test_a_job_whose_page_is_closed_is_cancelled_at_its_next_step(server, browser):
+    """Defect 5: a closed page's job ran to the end. Now it stops at its next step and leaves no run folder."""
+    before = set((server["out"] / "runs").iterdir())
+    page = _open(browser, server)
+    _pick_sample(page, "yellow diamond bouncing")  # no other test tunes it: no adapter to reuse
+    _tiny(page, "a yellow circle bouncing on a white background")
+    page.locator("#ei2-steps input").fill(str(MAX_STEPS))
+    page.locator("#ei2-run").click()
+    sync_api.expect(page.locator("#ei2-status")).to_contain_text("tuning", timeout=60_000)
+    deadline = time.monotonic() + 60
+    while not re.search(r"tuning\s+\S*\s+[1-9]\d*/\d+", page.locator("#ei2-status").inner_text()):
+        assert time.monotonic() < deadline, page.locator("#ei2-status").inner_text()
+        time.sleep(0.1)
+    page.close()
+    log = _wait_for_log(server, "cancelled a job whose page was closed, at tuning ")
+    step = int(log.split("cancelled a job whose page was closed, at tuning ")[1].split("/")[0])
+    assert step < MAX_STEPS, log
+    assert not set((server["out"] / "runs").iterdir()) - before  # no run folder, no .partial staging folder left
+    # the lock is free again: the next job starts at once
+    page = _open(browser, server)
+    _tiny(page, "")
+    page.locator("#ei2-run").click()
+    sync_api.expect(page.locator("#ei2-status")).to_contain_text("no --target-prompt given", timeout=30_000)
+    page.close()
+
+
+def test_only_a_finished_jobs_files_are_served(server, browser, tmp_path):
+    """Defect 4: everything under --out was served, adapters.json (every video's hash and run path) and every
+    upload included. Now a job's files are served under a random name; runs, uploads and the index never."""
+    upload = tmp_path / "my-video.mp4"
+    shutil.copyfile(SAMPLES / "purple_circle_diagonal.mp4", upload)
+    page = _open(browser, server)
+    page.locator("#ei2-upload input[type=file]").set_input_files(str(upload))
+    sync_api.expect(page.locator("#ei2-source input")).to_have_value("upload a video", timeout=15_000)
+    page.locator("#ei2-source-prompt textarea").fill("a purple circle moving diagonally on a black background")
+    _tiny(page, "a green circle moving diagonally on a black background")
+    record = _run_and_wait(page, server)
+    page.wait_for_selector("#ei2-grid video")
+    grid_url = _served_url(page, server, "#ei2-grid video")
+    assert _get(grid_url) == 200  # the page that ran the job gets its grid
+    assert "/.gradio/files/jobs/" in grid_url and len(grid_url.split("/jobs/")[1].split("/")[0]) == 32
+    out = server["out"]
+    kept_upload = Path(record["video"]["path"])
+    assert kept_upload.parent == out / "uploads" and kept_upload.is_file()
+    assert (out / "adapters.json").is_file()
+    run = Path(record["run_folder"])
+    for path in [out / "adapters.json", kept_upload, run / "grid.mp4", run / "run.json",
+                 run / "adapter" / "adapter.safetensors", out / "runs"]:
+        for route in ("gradio_api/file=", "file=", "gradio_api/file/"):
+            assert _get(server["url"] + f"{route}{path}") in (403, 404), (route, path)
+    # the served folder holds the job's outputs only, under a 128-bit token
+    served = Path(urllib.parse.unquote(grid_url.split("file=")[1])).parent
+    assert served.name == run.name and sorted(p.name for p in served.iterdir()) == [
+        "adapter.zip", "edits", "grid.gif", "grid.mp4", "run.json"]
+    page.close()
+
+
+def test_keep_runs_prunes_the_oldest_and_says_so_in_the_log(server, browser):
+    """Defect 5: runs, uploads and the inversion cache grew without end; `--keep-runs N` keeps the newest N."""
+    out, cache = server["out"], server["root"] / "cache" / "inversions"
+    start = len(_log(server))
+    page = _open(browser, server)
+    _pick_sample(page, "green triangle circling")
+    for i in range(KEEP_RUNS + 1):  # enough jobs to go past the cap, whichever tests ran before
+        _tiny(page, f"a green square circling on a black background, take {i + 1}")
+        _run_and_wait(page, server)
+        if "ei2 serve: pruned " in _log(server)[start:]:
+            break
+    page.close()
+    log = _log(server)
+    assert f"(--keep-runs {KEEP_RUNS}: the newest {KEEP_RUNS} of each are kept)" in log, log[-2000:]
+    assert len(_run_folders(server)) == KEEP_RUNS
+    assert not [p for p in (out / "runs").iterdir() if p.name.endswith(".partial")]
+    assert len(list((out / ".gradio" / "files" / "jobs").iterdir())) == KEEP_RUNS  # served copies go with them
+    assert len(list((out / "uploads").iterdir())) <= KEEP_RUNS
+    assert len(list(cache.glob("*.safetensors"))) <= KEEP_RUNS
+    index = json.loads((out / "adapters.json").read_text())
+    assert index and all(Path(p).is_dir() for p in index.values())
+
+
+# ---------------------------------------------------------------------------------------------- without a browser
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    pytest.importorskip("gradio", reason='the app extra is not installed: pip install -e ".[app]"')
+    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
+    from ei2.app.server import App
+
+    def make(**kw):
+        kw = {"model": None, "out": tmp_path / "out", "max_upload_mb": 1, "max_frames": 8, "device": "cpu", **kw}
+        return App(**kw)
+
+    return make
+
+
+def _age(path: Path, seconds_ago: float) -> None:
+    stamp = time.time() - seconds_ago
+    os.utime(path, (stamp, stamp))
+
+
+def test_keep_runs_at_start_removes_the_oldest_runs_uploads_and_cache_entries(app, tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache" / "inversions"
+    runs, uploads, jobs = out / "runs", out / "uploads", out / ".gradio" / "files" / "jobs"
+    index = {}
+    for i in range(5):
+        run = runs / f"2024010{i}-000000-edit-{i}"
+        (run / "adapter").mkdir(parents=True)
+        (run / "run.json").write_text("{}")
+        _age(run / "run.json", 1000 - i)
+        (jobs / f"{i:032x}" / run.name).mkdir(parents=True)
+        index[f"key{i}"] = str(run / "adapter")
+        uploads.mkdir(exist_ok=True)
+        (uploads / f"{i:016x}.mp4").write_bytes(b"v")
+        _age(uploads / f"{i:016x}.mp4", 1000 - i)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / f"entry{i}.safetensors").write_bytes(b"c")
+        _age(cache / f"entry{i}.safetensors", 1000 - i)
+    (runs / "20240109-000000-crashed.partial").mkdir()
+    (out / "adapters.json").write_text(json.dumps(index))
+    app(keep_runs=2)
+    err = capsys.readouterr().err
+    assert ("ei2 serve: pruned 3 runs, 3 uploads, 3 inversion-cache entries, 1 interrupted run "
+            "(--keep-runs 2: the newest 2 of each are kept)") in err, err
+    assert sorted(p.name for p in runs.iterdir()) == ["20240103-000000-edit-3", "20240104-000000-edit-4"]
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{3:016x}.mp4", f"{4:016x}.mp4"]
+    assert sorted(p.name for p in cache.iterdir()) == ["entry3.safetensors", "entry4.safetensors"]
+    assert sorted(p.name for p in jobs.iterdir()) == [f"{3:032x}", f"{4:032x}"]
+    assert sorted(json.loads((out / "adapters.json").read_text())) == ["key3", "key4"]
+    capsys.readouterr()
+    app(keep_runs=2)  # nothing more to prune: nothing said
+    assert "pruned" not in capsys.readouterr().err
+
+
+def test_an_upload_is_copied_whole_or_not_at_all(app, tmp_path, monkeypatch):
+    """Defect 6: the upload was copied in place, so a copy cut off by a crash was reused for that video forever."""
+    import shutil as shutil_module
+
+    application = app()
+    video = tmp_path / "clip.mp4"
+    shutil.copyfile(SAMPLES / "red_circle_right.mp4", video)
+    real_copy = shutil_module.copyfile
+
+    def cut_off(source, target, *a, **kw):
+        Path(target).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil_module, "copyfile", cut_off)
+    with pytest.raises(OSError):
+        application._video("upload", str(video))
+    assert list((tmp_path / "out" / "uploads").iterdir()) == []  # nothing half-written is left to be reused
+    monkeypatch.setattr(shutil_module, "copyfile", real_copy)
+    kept = Path(application._video("upload", str(video)))
+    assert kept.read_bytes() == video.read_bytes()
+    kept.write_bytes(video.read_bytes()[:100])  # a cut-off copy left by an older version is replaced
+    assert Path(application._video("upload", str(video))).read_bytes() == video.read_bytes()
+
+
+def test_the_form_passes_as_given_only_what_differs_from_the_model_defaults(app):
+    """Defect 1, the rule in one place: `config.defaults_for` + `apply_model_defaults`, for the CLI and the app."""
+    from ei2 import config as cfg
+
+    application = app()
+    form = dict(choice="red_circle_right", upload=None, source_prompt="a red circle moving right on a gray background",
+                targets="a blue circle moving right on a gray background", recipe="ei2", steps=100,
+                inference_steps=25, guidance=7.5, seed=0, frames=8, negative_prompt="", p2p="replace",
+                cross_replace="", self_replace="", reweight="", blend_words="", blend_threshold="",
+                inject_features=0.0, inject_attention=0.0, inject_block=1)
+    s = application.settings(**form)  # P2P with the sliders as the page shows them for P2P
+    assert (s.inject_features, s.inject_attention) == (0.0, 0.0)
+    assert not s.explicit & {"steps", "inference_steps", "guidance_scale", "inject_features", "inject_attention"}
+    assert "--inject-features" not in application._argv(s) and "--steps" not in application._argv(s)
+    assert (application.settings(**{**form, "inject_attention": 0.25}).inject_attention) == 0.25
+    plain = application.settings(**{**form, "p2p": "off", "inject_features": 0.5, "inject_attention": 0.5})
+    assert (plain.inject_features, plain.inject_attention) == (0.5, 0.5)  # the model's, for a plain edit
+    # the same settings as `ei2 edit` without those flags
+    cli = cfg.Settings(p2p="replace")
+    cli.explicit = frozenset({"p2p"})
+    cfg.apply_model_defaults(cli, application.model_dir, cfg.EDIT)
+    assert (cli.inject_features, cli.inject_attention, cli.steps) == (s.inject_features, s.inject_attention, s.steps)

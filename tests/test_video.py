@@ -78,10 +78,50 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 def test_grid_places_videos_side_by_side_with_captions():
     a, b = numbered_frames(2, 16, 16), numbered_frames(2, 16, 16)[::-1].copy()
-    grid = make_grid([a, b], ["source", "edit"], gap=2)
+    grid = make_grid([a, b], ["source", "edit"], gap=2, min_tile=0)  # no scaling: the frames as they are
     assert grid.shape[0] == 2 and grid.shape[2] == 34 and grid.shape[1] > 16
     assert np.array_equal(grid[:, -16:, :16], a) and np.array_equal(grid[:, -16:, 18:], b)
-    assert make_grid([a]).shape == a.shape
+    assert make_grid([a], min_tile=0).shape == a.shape
+
+
+def caption_height(grid: np.ndarray, tile_h: int) -> int:
+    return grid.shape[1] - tile_h
+
+
+def ink_rows(grid: np.ndarray, tile_h: int) -> int:
+    """Rows of the caption block from its first to its last row of text (dark pixels)."""
+    strip = grid[0, : caption_height(grid, tile_h)]
+    rows = np.nonzero((strip < 128).any(axis=(1, 2)))[0]
+    return int(rows.max() - rows.min() + 1) if rows.size else 0
+
+
+LONG = "source: a red circle moving right on a gray background while the camera slowly pans over it " * 3
+
+
+def test_grid_scales_small_frames_up_nearest_and_keeps_captions_below_the_frame_height():
+    """Issue 17 ("the app as a person uses it"): 64x64 frames were shown at 64x64 under a caption block taller
+    than the video (up to 8 lines of an 11 px bitmap font)."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8) for _ in range(2))
+    grid = make_grid([a, b], [LONG, "a blue square"])
+    tile = 256  # 64 x 4: the smallest whole factor that reaches GRID_MIN_TILE
+    assert grid.shape[2] == 2 * tile + max(2, tile // 64)
+    assert np.array_equal(grid[:, -tile:, :tile], a.repeat(4, axis=1).repeat(4, axis=2))  # nearest neighbour
+    assert np.array_equal(grid[:, -tile:, -tile:], b.repeat(4, axis=1).repeat(4, axis=2))
+    assert 0 < caption_height(grid, tile) <= tile // 3, caption_height(grid, tile)
+    assert ink_rows(grid, tile) >= 2 * 10  # two lines or more of a readable font, not a 6 px sliver
+
+
+def test_grid_keeps_512_frames_as_they_are_and_sizes_the_font_to_the_tile():
+    small = np.zeros((1, 64, 64, 3), np.uint8)
+    large = np.zeros((1, 512, 512, 3), np.uint8)
+    large[0, 100:200, 100:300] = 200
+    grid = make_grid([large, large], ["source: a man is skiing", "a panda is skiing"])
+    assert grid.shape[2] == 2 * 512 + 8 and np.array_equal(grid[:, -512:, :512], large)  # no scaling, no resampling
+    assert 0 < caption_height(grid, 512) <= 512 // 3
+    one_line = {64: ink_rows(make_grid([small], ["Skiing"]), 256), 512: ink_rows(make_grid([large], ["Skiing"]), 512)}
+    assert 1.6 < one_line[512] / one_line[64] < 2.4, one_line  # a 512 tile's caption is twice a 256 tile's
+    assert caption_height(make_grid([large], [LONG]), 512) <= 512 // 3
 
 
 # ---------------------------------------------------------------------------------------------- cut-off videos

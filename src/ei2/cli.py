@@ -64,12 +64,32 @@ def _add_serve_parser(commands) -> None:
                                                            "only; 0.0.0.0 opens it to the network)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--out", default="outputs/app", metavar="DIR",
-                       help="folder of the app's run folders and uploads; the only files the app serves "
-                            "(default: outputs/app)")
+                       help="folder of the app's run folders and uploads (default: outputs/app); the app serves "
+                            "only the files of each finished job, under a random name")
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest upload accepted (default: 50 MB)")
-    serve.add_argument("--max-frames", type=int, default=32, help="most frames a job may edit (default: 32)")
+    serve.add_argument("--max-frames", type=_positive, default=32, metavar="N",
+                       help="most frames a job may edit (default: 32)")
+    serve.add_argument("--max-steps", type=_positive, default=500, metavar="N",
+                       help="most tuning steps a job may ask for (default: 500)")
+    serve.add_argument("--max-inference-steps", type=_positive, default=100, metavar="N",
+                       help="most inference (DDIM) steps a job may ask for (default: 100)")
+    serve.add_argument("--max-prompts", type=_positive, default=4, metavar="N",
+                       help="most target prompts in one job (default: 4)")
+    serve.add_argument("--keep-runs", type=_positive, default=None, metavar="N",
+                       help="keep the newest N run folders, uploads and inversion-cache entries and remove older "
+                            "ones (at start and after every job; the log says what went; default: keep all)")
     serve.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cuda:N, mps or cpu")
     serve.set_defaults(handler=run_serve)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_serve(args, argv) -> int:
@@ -79,8 +99,9 @@ def run_serve(args, argv) -> int:
         raise EI2Error('`ei2 serve` needs gradio, which is not installed; install the app extra: pip install -e ".[app]"')
     from .app import serve
 
-    serve(model=args.model, host=args.host, port=args.port, out=args.out, max_upload_mb=args.max_upload_mb,
-          max_frames=args.max_frames, device=args.device)
+    serve(model=args.model, host=args.host, port=args.port, out=args.out, device=args.device, keep_runs=args.keep_runs,
+          max_upload_mb=args.max_upload_mb, max_frames=args.max_frames, max_steps=args.max_steps,
+          max_inference_steps=args.max_inference_steps, max_prompts=args.max_prompts)
     return 0
 
 

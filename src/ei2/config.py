@@ -333,3 +333,17 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
         setattr(settings, name, value)
         applied[name] = value
     return applied
+
+
+def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | None = None) -> Settings:
+    """The settings of `command` before the user sets anything: the generic defaults with the model's own
+    (`apply_model_defaults`, with its rules) for an edit without or with `--p2p` (the web app's form).
+
+    A front end that shows every option (the app) passes as `explicit` only the values that differ from
+    these, so that an option left as shown gets the model's default exactly as a flag left out of a command
+    line does: with `--p2p` the model's injection stays off unless the user sets `--inject-*`.
+    """
+    settings = Settings(p2p=p2p)
+    settings.explicit = frozenset()
+    apply_model_defaults(settings, model_dir, command)
+    return settings

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import tempfile
-import textwrap
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -321,10 +320,51 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float = DEFAUL
     raise ValueError(f"cannot write {path}: use .mp4, .gif or a folder")
 
 
-def make_grid(videos: list[np.ndarray], captions: list[str] | None = None, gap: int = 2) -> np.ndarray:
+GRID_MIN_TILE = 256  # frames smaller than this are scaled up (nearest neighbour) by a whole factor in grids
+
+
+def _grid_font(size: int):
+    """Pillow's own scalable font (no system font needed) at `size` px; the bitmap font without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError):  # an old Pillow or one without FreeType
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
+    """`text` broken into lines that fit `width` px in `font`, at most `max_lines` (the last one cut with …)."""
+    def fits(line: str) -> bool:
+        return font.getlength(line) <= width
+
+    lines, line = [], ""
+    for word in text.split():
+        if not line or fits(f"{line} {word}"):
+            line = f"{line} {word}".strip()
+        else:
+            lines.append(line)
+            line = word
+    lines = [l if fits(l) else _ellipsize(l, fits) for l in [*lines, line]]  # a word wider than the tile
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], _ellipsize(lines[max_lines - 1].rstrip("…"), fits)]
+    return lines
+
+
+def _ellipsize(line: str, fits) -> str:
+    """`line`, shortened until it fits with … after it."""
+    while line and not fits(line.rstrip() + "…"):
+        line = line[:-1]
+    return line.rstrip() + "…"
+
+
+def make_grid(videos: list[np.ndarray], captions: list[str] | None = None, gap: int | None = None,
+              min_tile: int = GRID_MIN_TILE) -> np.ndarray:
     """Place videos side by side (`source | edit 1 | edit 2 ...`), with optional captions above each.
 
-    All videos must have the same `(f, h, w)`; returns `(f, H, W, 3)` uint8.
+    All videos must have the same `(f, h, w)`. Frames smaller than `min_tile` px are scaled up by a whole
+    factor (nearest neighbour: 64x64 frames become 256x256 tiles; 512x512 frames stay as they are), so that a
+    small model's edits can be seen. Captions are in a font sized to the tile (1/18 of its width), wrapped to
+    it, and take at most a third of the tile's height (longer ones end with …). `gap`: pixels between tiles
+    (default: 1/64 of the tile, at least 2). Returns `(f, H, W, 3)` uint8.
     """
     videos = [_check_frames(v) for v in videos]
     shapes = {v.shape for v in videos}
@@ -332,25 +372,31 @@ def make_grid(videos: list[np.ndarray], captions: list[str] | None = None, gap: 
         raise ValueError(f"grid videos must share one shape, got {sorted(shapes)}")
     f, h, w, _ = videos[0].shape
     n = len(videos)
-    caption_h, lines_per = 0, []
+    scale = max(1, -(-int(min_tile) // max(h, w))) if min_tile else 1
+    th, tw = h * scale, w * scale
+    gap = max(2, tw // 64) if gap is None else gap
+    caption_h, lines_per, font, line_h, pad = 0, [], None, 0, 0
     if captions:
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} videos")
-        font = ImageFont.load_default()
-        chars = max(4, w // 6)
-        lines_per = [textwrap.wrap(c, chars, break_long_words=False)[:8] or [""] for c in captions]
-        line_h = 11
-        caption_h = line_h * max(len(lines) for lines in lines_per) + 4
-    width = n * w + (n - 1) * gap
-    grid = np.full((f, caption_h + h, width, 3), 255, dtype=np.uint8)
+        size = max(8, min(32, tw // 18))
+        font = _grid_font(size)
+        ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (size, 0)
+        line_h, pad = ascent + descent + max(1, size // 6), max(2, size // 4)
+        max_lines = max(1, (th // 3 - 2 * pad) // line_h)
+        lines_per = [_wrap(c, font, tw - 2 * pad, max_lines) for c in captions]
+        caption_h = line_h * max(len(lines) for lines in lines_per) + 2 * pad
+    width = n * tw + (n - 1) * gap
+    grid = np.full((f, caption_h + th, width, 3), 255, dtype=np.uint8)
     for i, v in enumerate(videos):
-        x = i * (w + gap)
-        grid[:, caption_h:, x : x + w] = v
+        x = i * (tw + gap)
+        tile = v if scale == 1 else v.repeat(scale, axis=1).repeat(scale, axis=2)
+        grid[:, caption_h:, x : x + tw] = tile
     if captions:
         strip = Image.fromarray(grid[0, :caption_h])
         draw = ImageDraw.Draw(strip)
         for i, lines in enumerate(lines_per):
             for j, line in enumerate(lines):
-                draw.text((i * (w + gap) + 1, 2 + j * 11), line, fill=(0, 0, 0), font=font)
+                draw.text((i * (tw + gap) + pad, pad + j * line_h), line, fill=(0, 0, 0), font=font)
         grid[:, :caption_h] = np.asarray(strip)[None]
     return grid

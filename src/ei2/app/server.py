@@ -2,25 +2,29 @@
 
 Layout of the output folder `out/`:
 
-    runs/<stamp>-<prompt>/     ordinary run folders, as `ei2 edit` writes them
-    uploads/<sha256>.<ext>     uploaded videos, named by content (so "reuse tuning" can recognise them)
-    samples/                   copies of the bundled samples, so that previews are served from `out/`
-    downloads/                 zipped adapters
-    adapters.json              tuning settings -> adapter folder, for "reuse tuning"
-    .gradio/                   gradio's own uploads and cache
+    runs/<stamp>-<prompt>/     ordinary run folders, as `ei2 edit` writes them (never served)
+    uploads/<sha256>.<ext>     uploaded videos, named by content (so "reuse tuning" can recognise them; never served)
+    adapters.json              tuning settings -> adapter folder, for "reuse tuning" (never served)
+    .gradio/files/             gradio's uploads and cache (under seeded content hashes), the bundled samples
+                               (samples/) and the files of each finished job (jobs/<random token>/<run>/):
+                               the only folder served
+    .gradio/examples/          gradio's examples cache (unused)
 
-Only `out/` is served (gradio `allowed_paths`, with gradio's upload and cache folders moved inside it).
+Nothing is served from `allowed_paths`: gradio serves only its own folder, where a job's files lie under a
+random 128-bit token that only the page that ran the job is given.
 """
 from __future__ import annotations
 
 import hashlib
 import html
 import json
-import queue
+import math
+import os
+import re
+import secrets
 import shutil
 import sys
 import threading
-import time
 import traceback
 import zipfile
 from pathlib import Path
@@ -30,6 +34,7 @@ import gradio as gr
 from .. import config as cfg
 from .. import runs
 from ..errors import ConfigError, EI2Error
+from . import FILES
 
 UPLOAD = "upload"
 VIDEO_TYPES = (".mp4", ".mov", ".webm", ".gif", ".avi", ".mkv", ".m4v")
@@ -38,8 +43,21 @@ CSS = """
 #ei2-status { min-height: 7em; }
 #ei2-status .ei2-bar { font-family: ui-monospace, monospace; white-space: pre; }
 #ei2-status .ei2-error { color: #b91c1c; font-weight: 600; }
+#ei2-grid video, #ei2-edits video, #ei2-edits img, #ei2-preview video { image-rendering: pixelated; }
+#ei2-grid video { width: 100%; height: auto; max-height: none; }
 footer { display: none !important; }
 """
+HEX = re.compile(r"[0-9a-f]{64}")  # a folder of gradio's uploads (a seeded sha256 of the content)
+PRUNED = {"runs": "run", "uploads": "upload", "inversion-cache entries": "inversion-cache entry",
+          "interrupted runs": "interrupted run"}  # what --keep-runs removes: plural -> singular
+
+
+class JobCancelled(EI2Error):
+    """Raised from the progress callback of a job whose page was closed; `runs` then removes its staging folder."""
+
+
+def log(message: str) -> None:
+    print(f"ei2 serve: {message}", file=sys.stderr, flush=True)
 
 
 def _sha256(path: Path) -> str:
@@ -48,6 +66,39 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _number(value, name: str, whole: bool = True) -> int | float:
+    """A number box's value; an emptied box or a non-number is the one-line `ConfigError`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ConfigError(f"{name} is empty; type a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if whole:
+        if not number.is_integer():
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        return int(number)
+    return number
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # run folders are never changed once written
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a temporary file beside it: `target` is whole or absent."""
+    from ..video import atomic_path
+
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def _optional_float(text, name: str) -> float | None:
@@ -67,16 +118,24 @@ def _words(text) -> list[str]:
 class _Progress:
     """Collects `runs` progress (stage, step, total) from the job thread; renders it as HTML."""
 
-    def __init__(self):
+    def __init__(self, root: Path | None = None):
+        self.root = root  # paths under it are shown relative to it: the page does not show the server's folders
         self.stages: dict[str, tuple[int, int]] = {}
         self.lock = threading.Lock()
         self.messages: list[str] = []
+        self.cancel = threading.Event()  # set when the page that runs the job is closed
+        self.last = ("waiting", 0, 0)
 
     def __call__(self, stage: str, step: int, total: int) -> None:
+        if self.cancel.is_set():  # runs.edit calls this at every step: the job stops at its next one
+            raise JobCancelled(f"the page of this job was closed; cancelled at {stage} {step}/{total}")
         with self.lock:
             self.stages[stage] = (step, total)
+            self.last = (stage, step, total)
 
     def say(self, message: str) -> None:
+        if self.root is not None:
+            message = message.replace(str(self.root) + os.sep, "")
         with self.lock:
             self.messages.append(message)
 
@@ -98,21 +157,28 @@ class _Progress:
 
 
 class App:
-    def __init__(self, model: str | None, out: Path, max_upload_mb: float, max_frames: int, device: str):
+    def __init__(self, model: str | None, out: Path, max_upload_mb: float, max_frames: int, device: str,
+                 max_steps: int = 500, max_inference_steps: int = 100, max_prompts: int = 4,
+                 keep_runs: int | None = None):
         self.model, self.out, self.device = model, Path(out), device
         self.max_upload_bytes, self.max_frames = int(max_upload_mb * 1024 * 1024), int(max_frames)
-        for name in ("runs", "uploads", "samples", "downloads"):
-            (self.out / name).mkdir(parents=True, exist_ok=True)
+        self.max_steps, self.max_inference_steps = int(max_steps), int(max_inference_steps)
+        self.max_prompts, self.keep_runs = int(max_prompts), keep_runs
+        self.files = self.out.joinpath(*FILES)  # gradio's own folder (GRADIO_TEMP_DIR): the only one served
+        for folder in (self.out / "runs", self.out / "uploads", self.files / "jobs", self.files / "samples"):
+            folder.mkdir(parents=True, exist_ok=True)
         self.samples = self._copy_samples()
-        self.defaults = self._model_defaults()
+        self.model_dir = self._model_dir()
+        self.defaults = cfg.defaults_for(self.model_dir, cfg.EDIT)
         self.index_lock = threading.Lock()
-        # gradio's queue runs one job at a time; this lock also holds a job whose page was closed (its
-        # generator is cancelled, its thread is not) until it ends, so that no two jobs ever overlap
+        # gradio's queue runs one job at a time; this lock also holds a job whose page was closed (cancelled at
+        # its next step) until it has stopped, so that no two jobs ever overlap
         self.job_lock = threading.Lock()
+        self.prune()  # what earlier sessions left beyond --keep-runs
 
     # ------------------------------------------------------------------------------------------ setup
     def _copy_samples(self) -> dict:
-        """The bundled samples (assets/samples/index.json), their videos copied under out/samples/."""
+        """The bundled samples (assets/samples/index.json), their videos copied into gradio's folder (samples/)."""
         from ..demo import TARGETS, samples_dir
 
         index_path = samples_dir() / "index.json"
@@ -123,22 +189,19 @@ class App:
             source = samples_dir() / entry["video"]
             if not source.is_file():
                 continue
-            copy = self.out / "samples" / source.name
+            copy = self.files / "samples" / source.name
             if not copy.exists() or copy.stat().st_size != source.stat().st_size:
-                shutil.copyfile(source, copy)
+                _atomic_copy(source, copy)
             samples[name] = {"video": str(copy), "caption": entry["caption"], "frames": int(entry.get("frames", 8)),
                              "target": TARGETS.get(name, "")}
         return samples
 
-    def _model_defaults(self) -> cfg.Settings:
+    def _model_dir(self) -> Path | None:
+        """The model folder whose `ei2_defaults.json` applies, as `runs` finds it (None: a hub id, no defaults)."""
         from ..pipeline import default_model_path
 
-        s = cfg.Settings()
-        s.explicit = frozenset()
         model_dir = default_model_path() if self.model is None else Path(self.model)
-        if model_dir.is_dir():
-            cfg.apply_model_defaults(s, model_dir, cfg.EDIT)
-        return s
+        return model_dir if model_dir.is_dir() else None
 
     # ------------------------------------------------------------------------------------------ jobs
     def _video(self, choice: str, upload) -> str:
@@ -149,42 +212,66 @@ class App:
         if not upload:
             raise ConfigError("no video given; upload a video or pick a bundled sample")
         path = Path(upload if isinstance(upload, str) else getattr(upload, "name", upload))
+        if not path.is_file():
+            raise ConfigError(f"the upload {path.name} is no longer on the server; upload it again")
         if path.suffix.lower() not in VIDEO_TYPES:
             raise ConfigError(f"{path.name} is not a video this app reads; upload one of: {', '.join(VIDEO_TYPES)}")
         if path.stat().st_size > self.max_upload_bytes:
             raise ConfigError(f"{path.name} is {path.stat().st_size / 2**20:.1f} MB; this app takes uploads up to "
                               f"{self.max_upload_bytes / 2**20:.0f} MB (ei2 serve --max-upload-mb)")
         kept = self.out / "uploads" / f"{_sha256(path)[:16]}{path.suffix.lower()}"
-        if not kept.exists():
-            shutil.copyfile(path, kept)
+        if kept.is_file() and kept.stat().st_size == path.stat().st_size:
+            os.utime(kept)  # used again: the newest for --keep-runs
+        else:  # written whole or not at all, so that a copy cut off by a crash is never taken for the video
+            _atomic_copy(path, kept)
         return str(kept)
 
     def settings(self, choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
                  frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
                  blend_threshold, inject_features, inject_attention, inject_block, strength=None,
                  guidance_rescale=None) -> cfg.Settings:
-        """The form as `Settings`, checked as the CLI checks its flags."""
-        frames = int(frames)
-        if frames > self.max_frames:
-            raise ConfigError(f"--frames {frames} is over this app's limit of {self.max_frames} "
-                              "(ei2 serve --max-frames)")
+        """The form as `Settings`, checked as the CLI checks its flags.
+
+        The form shows the model's defaults (`config.defaults_for`); a value left as shown is not given, so
+        that the model's defaults and their rules apply as to an `ei2 edit` without that flag (with P2P, the
+        model's injection stays off unless the sliders are moved).
+        """
+        p2p = None if p2p in (None, "", P2P_OFF) else p2p
+        frames = _number(frames, "Frames (--frames)")
+        steps = _number(steps, "Tuning steps (--steps)")
+        inference_steps = _number(inference_steps, "Inference steps (--inference-steps)")
+        target_prompt = [line.strip() for line in str(targets or "").splitlines() if line.strip()]
+        for flag, value, limit, serve_flag in (("--frames", frames, self.max_frames, "--max-frames"),
+                                               ("--steps", steps, self.max_steps, "--max-steps"),
+                                               ("--inference-steps", inference_steps, self.max_inference_steps,
+                                                "--max-inference-steps")):
+            if value > limit:
+                raise ConfigError(f"{flag} {value} is over this app's limit of {limit} (ei2 serve {serve_flag})")
+        if len(target_prompt) > self.max_prompts:
+            raise ConfigError(f"{len(target_prompt)} target prompts are over this app's limit of {self.max_prompts} "
+                              "per job (ei2 serve --max-prompts)")
+        shown = cfg.defaults_for(self.model_dir, cfg.EDIT, p2p)
         values = dict(
             video=self._video(choice, upload), source_prompt=(source_prompt or "").strip(),
-            target_prompt=[line.strip() for line in str(targets or "").splitlines() if line.strip()],
-            model=self.model, recipe=recipe or None, frames=frames, steps=int(steps),
-            inference_steps=int(inference_steps), guidance_scale=float(guidance), seed=int(seed), device=self.device,
+            target_prompt=target_prompt, model=self.model, recipe=recipe or None, frames=frames, steps=steps,
+            inference_steps=inference_steps, guidance_scale=_number(guidance, "Guidance scale (--guidance-scale)",
+                                                                    whole=False),
+            seed=_number(seed, "Seed (--seed)"), device=self.device,
             negative_prompt=(negative_prompt or "").strip() or None,
-            p2p=None if p2p in (None, "", P2P_OFF) else p2p, cross_replace=_words(cross_replace),
+            p2p=p2p, cross_replace=_words(cross_replace),
             self_replace=_optional_float(self_replace, "--self-replace"), reweight=_words(reweight),
             blend_words=_words(blend_words), blend_threshold=_optional_float(blend_threshold, "--blend-threshold"),
-            inject_features=float(inject_features), inject_attention=float(inject_attention),
-            inject_block=int(inject_block), quiet=True,
-            strength=self.defaults.strength if strength is None else float(strength),
-            guidance_rescale=self.defaults.guidance_rescale if guidance_rescale is None else float(guidance_rescale),
-            guidance_rescale_std=self.defaults.guidance_rescale_std,
+            inject_features=_number(inject_features, "Inject features (--inject-features)", whole=False),
+            inject_attention=_number(inject_attention, "Inject attention (--inject-attention)", whole=False),
+            inject_block=_number(inject_block, "Decoder block (--inject-block)"), quiet=True,
+            strength=shown.strength if strength is None else _number(strength, "Edit strength (--strength)", False),
+            guidance_rescale=shown.guidance_rescale if guidance_rescale is None
+            else _number(guidance_rescale, "Guidance rescale (--guidance-rescale)", whole=False),
         )
         s = cfg.Settings(**values)
-        s.explicit = frozenset(values)  # the form sets every value: a model's defaults replace none of them
+        s.explicit = frozenset(k for k, v in values.items()
+                               if k not in cfg.MODEL_DEFAULT_KEYS or v != getattr(shown, k))
+        cfg.apply_model_defaults(s, self.model_dir, cfg.EDIT)  # as runs does again: the values the job will use
         runs.validate(s, cfg.EDIT)
         return s
 
@@ -217,32 +304,48 @@ class App:
 
     @staticmethod
     def _argv(s: cfg.Settings) -> list[str]:
-        """The `ei2 edit` command line that makes the same run (kept in run.json)."""
+        """The `ei2 edit` command line that makes the same run (kept in run.json): a model-default option is
+        on it only when the user changed it, so that the model's defaults apply to it as they did here."""
         argv = ["edit", s.video, "--source-prompt", s.source_prompt]
         for p in s.target_prompt:
             argv += ["--target-prompt", p]
+        explicit = getattr(s, "explicit", frozenset())
         for name in ("model", "recipe", "adapter", "frames", "steps", "inference_steps", "guidance_scale", "seed",
                      "device", "negative_prompt", "p2p", "self_replace", "blend_threshold", "inject_features",
                      "inject_attention", "inject_block", "strength", "guidance_rescale", "guidance_rescale_std"):
             value = getattr(s, name)
-            if value is not None:
-                argv += ["--" + name.replace("_", "-"), str(value)]
+            if value is None or (name in cfg.MODEL_DEFAULT_KEYS and name not in explicit):
+                continue
+            argv += ["--" + name.replace("_", "-"), str(value)]
         for name in ("cross_replace", "reweight", "blend_words"):
             if getattr(s, name):
                 argv += ["--" + name.replace("_", "-"), *getattr(s, name)]
         return argv
 
-    def _zip_adapter(self, final: Path, adapter: Path) -> Path:
-        target = self.out / "downloads" / final.name / "adapter.zip"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
-            for path in sorted(adapter.rglob("*")):
-                if path.is_file():
-                    z.write(path, Path("adapter") / path.relative_to(adapter))
-        return target
+    def _serve(self, final: Path) -> Path:
+        """The files of a finished run, linked into gradio's folder under a random token: `jobs/<token>/<run>/`
+        holds the grid, the edits, run.json and the adapter (zip); nothing else of `out/` can be fetched."""
+        record = json.loads((final / runs.RUN_FILE).read_text())
+        served = self.files / "jobs" / secrets.token_hex(16) / final.name
+        names = [*record["outputs"]["grid"], runs.RUN_FILE]
+        for e in record["outputs"]["edits"]:
+            names += [e["mp4"], e["gif"]]
+        for name in names:
+            if (final / name).is_file():
+                _link_or_copy(final / name, served / name)
+        adapter = Path(record["adapter"]["path"])
+        adapter = adapter if adapter.is_absolute() else final / adapter
+        if adapter.is_dir():
+            with zipfile.ZipFile(served / "adapter.zip", "w", zipfile.ZIP_DEFLATED) as z:
+                for path in sorted(adapter.rglob("*")):
+                    if path.is_file():
+                        z.write(path, Path("adapter") / path.relative_to(adapter))
+        return served
 
     def run(self, *form):
-        """The queued job: a generator that yields (status, grid, edits, downloads) as the edit advances."""
+        """The queued job: a generator that yields (status, grid, edits, downloads) as the edit advances.
+
+        Closing the page closes this generator (gradio), which cancels the job at its next step."""
         nothing = (None, None, None)
         reuse = bool(form[-1])
         try:
@@ -259,8 +362,8 @@ class App:
             else:
                 header = "<div>no adapter for this video and these settings yet: tuning</div>"
         if self.job_lock.locked():
-            header += "<div>waiting for the previous job (its page was closed) to finish</div>"
-        progress = _Progress()
+            header += "<div>waiting for the previous job to stop</div>"
+        progress = _Progress(self.out)
         result: dict = {}
 
         def job():
@@ -268,8 +371,20 @@ class App:
 
             try:
                 with self.job_lock:
-                    result["final"] = runs.edit(s, self._argv(s), progress=progress, say=progress.say,
-                                                root=self.out / "runs")
+                    try:
+                        progress("load", 0, 1)  # a page closed while it waited for the lock: nothing runs
+                        final = runs.edit(s, self._argv(s), progress=progress, say=progress.say,
+                                          root=self.out / "runs")
+                        if not s.adapter:
+                            self._remember_adapter(s, final / "adapter")
+                        result["served"] = self._serve(final)
+                        result["final"] = final
+                    finally:
+                        self.prune()
+            except JobCancelled:
+                stage, step, total = progress.last
+                log(f"cancelled a job whose page was closed, at {stage} {step}/{total}; its run folder was removed")
+                result["error"] = "cancelled"
             except (EI2Error, AdapterMismatchError) as e:
                 result["error"] = e
             except Exception as e:  # the app stays up; the traceback goes to the server's log
@@ -278,38 +393,100 @@ class App:
 
         thread = threading.Thread(target=job, name="ei2-job", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
-            yield (progress.html(header), *nothing)
+        try:
+            while thread.is_alive():
+                thread.join(0.5)
+                yield (progress.html(header), *nothing)
+        finally:  # GeneratorExit: the page was closed (or the queue dropped the job)
+            if thread.is_alive():
+                progress.cancel.set()
         if "error" in result:
             yield (progress.html(header) + self._error(result["error"]), *nothing)
             return
         final = result["final"]
-        if not s.adapter:
-            self._remember_adapter(s, final / "adapter")
         yield (progress.html(header) + f"<div>done: {html.escape(str(final.relative_to(self.out)))}</div>",
-               *self._outputs(final))
+               *self._outputs(result["served"]))
 
     @staticmethod
     def _error(e: Exception) -> str:
         from ..models import AdapterMismatchError
 
-        text = str(e) if isinstance(e, (EI2Error, AdapterMismatchError, ValueError)) else f"{type(e).__name__}: {e}"
+        text = str(e) if isinstance(e, (EI2Error, AdapterMismatchError, ValueError, str)) else f"{type(e).__name__}: {e}"
         return f"<div class='ei2-error'>ei2: error: {html.escape(text)}</div>"
 
-    def _outputs(self, final: Path):
-        record = json.loads((final / runs.RUN_FILE).read_text())
+    def _outputs(self, served: Path):
+        record = json.loads((served / runs.RUN_FILE).read_text())
         outputs = record["outputs"]
-        edits = [(str(final / e["mp4"]), e["prompt"]) for e in outputs["edits"]]
-        adapter = Path(record["adapter"]["path"])
-        adapter = adapter if adapter.is_absolute() else final / adapter
-        files = [final / "grid.mp4", final / "grid.gif"]
+        # the gallery shows the gifs: images, so they play at once, in a loop, without a click on each
+        edits = [(str(served / e["gif"]), e["prompt"]) for e in outputs["edits"]]
+        files = [served / "grid.mp4", served / "grid.gif"]
         for e in outputs["edits"]:
-            files += [final / e["mp4"], final / e["gif"]]
-        files.append(final / runs.RUN_FILE)
-        if adapter.is_dir():
-            files.append(self._zip_adapter(final, adapter))
-        return str(final / "grid.mp4"), edits, [str(f) for f in files]
+            files += [served / e["mp4"], served / e["gif"]]
+        files.append(served / runs.RUN_FILE)
+        if (served / "adapter.zip").is_file():
+            files.append(served / "adapter.zip")
+        return str(served / "grid.mp4"), edits, [str(f) for f in files]
+
+    # ------------------------------------------------------------------------------------------ pruning
+    def prune(self) -> dict:
+        """`ei2 serve --keep-runs N`: remove the oldest run folders (with their served files and adapters.json
+        entries), uploads (ours and gradio's) and inversion-cache entries beyond the newest N of each, and
+        interrupted runs (`*.partial`, never resumed by the app); says what went in the log."""
+        if self.keep_runs is None:
+            return {}
+        keep = max(int(self.keep_runs), 0)
+        runs_dir = self.out / "runs"
+        removed = dict.fromkeys(PRUNED, 0)
+
+        def oldest(paths, stamp=lambda p: p.stat().st_mtime):
+            dated = []
+            for path in paths:
+                try:
+                    dated.append((stamp(path), path.name, path))
+                except OSError:
+                    continue
+            dated.sort(reverse=True)
+            return [path for _, _, path in dated[keep:]]
+
+        def remove(path: Path) -> None:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+        with self.index_lock:
+            finished = [p for p in runs_dir.iterdir() if p.is_dir() and (p / runs.RUN_FILE).is_file()]
+            gone = oldest(finished, lambda p: (p / runs.RUN_FILE).stat().st_mtime)
+            for path in gone:
+                remove(path)
+            removed["runs"] = len(gone)
+            for path in runs_dir.iterdir():
+                if path.name.endswith(runs.PARTIAL) and path.is_dir():  # the job lock is held: none is in use
+                    remove(path)
+                    removed["interrupted runs"] += 1
+            names = {p.name for p in runs_dir.iterdir()}
+            for token in (self.files / "jobs").iterdir():  # the served files of runs that are gone
+                if not (token.is_dir() and any(child.name in names for child in token.iterdir())):
+                    remove(token)
+            index = self._adapters()
+            kept = {key: path for key, path in index.items() if Path(path).is_dir()}
+            if kept != index:
+                runs._write_json(self.out / "adapters.json", kept)
+            uploads = oldest([p for p in (self.out / "uploads").iterdir() if p.is_file()])
+            uploads += oldest([p for p in self.files.iterdir() if p.is_dir() and HEX.fullmatch(p.name)])
+            for path in uploads:
+                remove(path)
+            removed["uploads"] = len(uploads)
+            cache = runs._cache_dir()
+            entries = oldest([p for p in cache.glob("*.safetensors")  # not the temporary files of a write
+                              if p.is_file() and not p.name.startswith(".")]) if cache.is_dir() else []
+            for path in entries:
+                remove(path)
+            removed["inversion-cache entries"] = len(entries)
+        if any(removed.values()):
+            what = ", ".join(f"{n} {name if n != 1 else PRUNED[name]}" for name, n in removed.items() if n)
+            log(f"pruned {what} (--keep-runs {keep}: the newest {keep} of each are kept)")
+        return removed
 
     # ------------------------------------------------------------------------------------------ page
     def on_source(self, choice):
@@ -324,6 +501,17 @@ class App:
         if upload:
             return gr.update(value=UPLOAD), upload if isinstance(upload, str) else getattr(upload, "name", None)
         return gr.update(), gr.update()
+
+    def on_p2p(self, mode, features, attention, last):
+        """P2P turned on or off: injection sliders left at the model's default for the last mode show the
+        default of the new one (with P2P the model's injection is off); sliders the user moved stay."""
+        mode = None if mode in (None, "", P2P_OFF) else mode
+        before, after = cfg.defaults_for(self.model_dir, cfg.EDIT, last), cfg.defaults_for(self.model_dir, cfg.EDIT, mode)
+        updates = []
+        for value, name in ((features, "inject_features"), (attention, "inject_attention")):
+            untouched = value is None or value == getattr(before, name)
+            updates.append(getattr(after, name) if untouched else gr.update())
+        return (*updates, mode)
 
     def blocks(self) -> gr.Blocks:
         from ..models import RECIPES
@@ -348,17 +536,19 @@ class App:
                     source_prompt = gr.Textbox(self.samples[start]["caption"] if start else "", label="Source prompt",
                                                elem_id="ei2-source-prompt")
                     targets = gr.Textbox(self.samples[start]["target"] if start else "", lines=3,
-                                         label="Target prompts (one per line)", elem_id="ei2-targets")
+                                         label=f"Target prompts (one per line, up to {self.max_prompts})",
+                                         elem_id="ei2-targets")
                     with gr.Accordion("Settings", open=True):
                         with gr.Row():
                             recipe = gr.Dropdown(list(RECIPES), value="ei2", label="Recipe", elem_id="ei2-recipe")
                             frames = gr.Slider(1, self.max_frames, value=min(d.frames, self.max_frames), step=1,
                                                label="Frames", elem_id="ei2-frames")
-                        with gr.Row():
-                            steps = gr.Number(d.steps, precision=0, minimum=0, label="Tuning steps",
-                                              elem_id="ei2-steps")
-                            inference_steps = gr.Number(d.inference_steps, precision=0, minimum=1,
-                                                        label="Inference steps", elem_id="ei2-inference-steps")
+                        with gr.Row():  # no minimum/maximum: out-of-range values get the one-line error
+                            steps = gr.Number(min(d.steps, self.max_steps), precision=0,
+                                              label=f"Tuning steps (up to {self.max_steps})", elem_id="ei2-steps")
+                            inference_steps = gr.Number(min(d.inference_steps, self.max_inference_steps), precision=0,
+                                                        label=f"Inference steps (up to {self.max_inference_steps})",
+                                                        elem_id="ei2-inference-steps")
                         with gr.Row():
                             guidance = gr.Number(d.guidance_scale, label="Guidance scale", elem_id="ei2-guidance")
                             seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="ei2-seed")
@@ -369,7 +559,7 @@ class App:
                             guidance_rescale = gr.Slider(0, 1, value=d.guidance_rescale, step=0.05,
                                                          label="Guidance rescale (0: off)",
                                                          elem_id="ei2-guidance-rescale")
-                        negative = gr.Textbox("", label="Negative prompt", elem_id="ei2-negative")
+                        negative = gr.Textbox(d.negative_prompt or "", label="Negative prompt", elem_id="ei2-negative")
                         reuse = gr.Checkbox(True, label="Reuse tuning (when this video and these settings already "
                                                         "have an adapter)", elem_id="ei2-reuse")
                     with gr.Accordion("Prompt-to-Prompt", open=False):
@@ -383,7 +573,8 @@ class App:
                             reweight = gr.Textbox("", label="Reweight (WORD=FACTOR)", elem_id="ei2-reweight")
                             blend = gr.Textbox("", label="Blend words", elem_id="ei2-blend-words")
                             threshold = gr.Textbox("", label="Blend threshold", elem_id="ei2-blend-threshold")
-                    with gr.Accordion("Structure (feature injection, Plug-and-Play)", open=False):
+                    with gr.Accordion("Structure (feature injection, Plug-and-Play; off with Prompt-to-Prompt "
+                                      "unless set)", open=False):
                         with gr.Row():
                             inject_features = gr.Slider(0, 1, value=d.inject_features, step=0.05,
                                                         label="Inject features (fraction of steps)",
@@ -391,20 +582,23 @@ class App:
                             inject_attention = gr.Slider(0, 1, value=d.inject_attention, step=0.05,
                                                          label="Inject attention (fraction of steps)",
                                                          elem_id="ei2-inject-attention")
-                            inject_block = gr.Number(d.inject_block, precision=0, minimum=0,
+                            inject_block = gr.Number(d.inject_block, precision=0,
                                                      label="Decoder block", elem_id="ei2-inject-block")
                     run = gr.Button("Edit", variant="primary", elem_id="ei2-run")
-                with gr.Column(scale=1):
+                with gr.Column(scale=2):
                     status = gr.HTML("<div>ready</div>", elem_id="ei2-status")
                     gr.Markdown("**Source and edits, side by side**")
                     grid = gr.Video(label="Source and edits, side by side", show_label=False, interactive=False,
                                     autoplay=True, loop=True, elem_id="ei2-grid")
-                    edits = gr.Gallery(label="Edits", columns=3, height=320, object_fit="contain",
-                                       elem_id="ei2-edits")
+                    edits = gr.Gallery(label="Edits", columns=2, fit_columns=False, height="auto",
+                                       object_fit="contain", elem_id="ei2-edits")
                     downloads = gr.File(label="Downloads: mp4, gif, adapter, run.json", file_count="multiple",
                                         interactive=False, elem_id="ei2-downloads")
+            mode = gr.State(None)  # the P2P mode the injection sliders show the defaults of
             source.change(self.on_source, source, [source_prompt, targets, preview, frames, upload], queue=False)
             upload.upload(self.on_upload, upload, [source, preview], queue=False)
+            p2p.change(self.on_p2p, [p2p, inject_features, inject_attention, mode],
+                       [inject_features, inject_attention, mode], queue=False)
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
                     inject_attention, inject_block, strength, guidance_rescale, reuse]
@@ -415,9 +609,11 @@ class App:
 
 
 def launch(demo: gr.Blocks, out: Path, host: str, port: int, max_upload_mb: float, block: bool = True):
-    """Serve `demo` on host:port; only files under `out` can be fetched."""
+    """Serve `demo` on host:port. No `allowed_paths`: gradio serves only its own folder (`out/.gradio/files`),
+    where a finished job's files lie under a random token; runs, uploads and adapters.json are blocked too."""
     print(f"ei2 serve: http://{host}:{port}  (run folders in {out}/runs; Ctrl+C to stop)", file=sys.stderr)
-    demo.launch(server_name=host, server_port=port, allowed_paths=[str(out)], max_file_size=int(max_upload_mb * 1024 * 1024),
+    blocked = [str(out / "runs"), str(out / "uploads"), str(out / "adapters.json")]
+    demo.launch(server_name=host, server_port=port, blocked_paths=blocked, max_file_size=int(max_upload_mb * 1024 * 1024),
                 show_error=True, quiet=True, ssr_mode=False, inbrowser=False, share=False,
                 prevent_thread_lock=not block, theme=gr.themes.Soft(), css=CSS, footer_links=[])
     return demo
