@@ -209,9 +209,13 @@ def test_shapes_default_injection_applies_to_plain_edits_not_to_p2p(tmp_path):
             setattr(args, k, v)
         return cfg.resolve(cfg.EDIT, args, None)
 
+    import json
+
+    shipped = json.loads((default_model_path() / cfg.MODEL_DEFAULTS_FILE).read_text())
     plain = settings()
     cfg.apply_model_defaults(plain, default_model_path(), cfg.EDIT)
-    assert (plain.inject_features, plain.inject_attention) == (0.5, 0.5)
+    assert (plain.inject_features, plain.inject_attention) == (shipped["inject_features"], shipped["inject_attention"])
+    assert plain.inject_features > 0
     p2p = settings(p2p="replace")
     cfg.apply_model_defaults(p2p, default_model_path(), cfg.EDIT)
     assert (p2p.inject_features, p2p.inject_attention) == (0.0, 0.0) and p2p.steps == 100  # others still apply
