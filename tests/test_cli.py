@@ -226,3 +226,30 @@ def test_model_defaults_replace_generic_defaults_only(tiny_sd, source_video, tmp
     assert run["model_defaults"] == {"steps": 1, "inference_steps": 2, "frames": 2}
     assert main([*base, "--out", "b", "--steps", "0"]) == 0
     assert json.loads((tmp_path / "b" / "run.json").read_text())["settings"]["steps"] == 0
+
+
+def test_the_job_reports_every_bar_under_its_stage_through_the_pipeline_callback(tiny_sd, source_video, tmp_path,
+                                                                                  monkeypatch):
+    """Issue 17: `runs` routes the pipeline's bars through `EI2Pipeline.set_progress_callback` (it used to replace
+    the pipeline's private `_bar`); the sampling bar of each edit reports as "edit I/N", and the job removes its
+    callback when it ends."""
+    from ei2 import config as cfg
+    from ei2 import runs
+    from ei2.cli import build_parser
+    from ei2.pipeline import EI2Pipeline
+
+    argv = edit_args(tiny_sd, source_video, tmp_path / "run", "--steps", "0", "--target-prompt", "a green circle")
+    s = cfg.resolve(cfg.EDIT, build_parser().parse_args(argv), None)
+    runs.validate(s, cfg.EDIT)
+    callbacks = []
+    original = EI2Pipeline.set_progress_callback
+    monkeypatch.setattr(EI2Pipeline, "set_progress_callback",
+                        lambda pipe, fn: (callbacks.append(fn), original(pipe, fn))[1])
+    events = []
+    runs.edit(s, argv, progress=lambda stage, step, total: events.append((stage, step, total)))
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages == ["load", "inversion", "edit 1/2", "edit 2/2", "write"], stages
+    for stage in ("inversion", "edit 1/2", "edit 2/2"):  # the bar's own steps, between the job's 0/3 and 3/3
+        steps = [step for name, step, total in events if name == stage and total == 3]
+        assert steps == [0, 0, 1, 2, 3, 3], (stage, steps)
+    assert len(callbacks) == 2 and callbacks[0] is not None and callbacks[1] is None

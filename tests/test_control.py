@@ -271,7 +271,16 @@ def test_controlled_edit_on_the_pipeline_caches_null_text_and_saves_attention(ti
     latents = pipe.encode_frames(moving_square(3, 32, 32))  # 1 4 3 16 16
     config = P2PConfig("replace", blend_words=("red", "tan"), blend_threshold=0.9)
     kwargs = dict(p2p=config, null_text=True, num_inference_steps=3, guidance_scale=7.5, null_text_inner_steps=2)
+    events = []
+    pipe.set_progress_callback(lambda desc, step, total: events.append((desc, step, total)))
     result = controlled_edit(pipe, latents, "a red square", ["a tan square"], **kwargs)
+    pipe.set_progress_callback(None)
+    # every bar reports through the pipeline's public callback: the DDIM trajectory, null-text inversion (3 steps
+    # x 2 inner iterations, fewer where one stops early: the bar is then advanced by the rest) and the edit
+    assert list(dict.fromkeys(desc for desc, _, _ in events)) == ["inversion", "null-text inversion", "editing"]
+    assert [e for e in events if e[0] != "null-text inversion"] == [("inversion", i, 3) for i in range(4)] + \
+        [("editing", i, 3) for i in range(4)]
+    assert events[4] == ("null-text inversion", 0, 6) and events[-5] == ("null-text inversion", 6, 6)
     assert result.latents.shape == result.source_latents.shape == latents.shape
     assert result.prompts == ["a red square", "a tan square"]
     assert len(list((tmp_path / "cache").glob("*.nulltext.safetensors"))) == 1

@@ -113,6 +113,31 @@ def test_edit_outputs_frames_and_caches_inversion(pipe, tmp_path):
         pipe.inversion_cache = InversionCache()
 
 
+
+def test_progress_callback_sees_the_steps_of_every_bar(pipe):
+    """Issue 17: progress leaves the pipeline through a public callback (the control layer and `runs` used to
+    reach into the private `_bar`), also with the bars disabled; `progress_bar` keeps diffusers' signature."""
+    events = []
+    pipe.inversion_cache = InversionCache()
+    pipe.set_progress_callback(lambda desc, step, total: events.append((desc, step, total)))
+    try:
+        pipe.edit(square_frames(), "a red square", "a blue square", num_inference_steps=3)
+        assert events == [("inversion", i, 3) for i in range(4)] + [("editing", i, 3) for i in range(4)]
+        events.clear()
+        assert list(pipe.progress_bar(range(2), desc="frames")) == [0, 1]  # an iterable, as in diffusers
+        with pipe.progress_bar(total=2) as bar:
+            bar.update()
+        assert events == [("frames", 0, 2), ("frames", 1, 2), ("frames", 2, 2), (None, 0, 2), (None, 1, 2)]
+        with pytest.raises(ValueError, match="total"):
+            pipe.progress_bar()
+    finally:
+        pipe.set_progress_callback(None)
+        pipe.inversion_cache = InversionCache()
+    events.clear()
+    pipe.invert(square_frames(), "a green square", num_inference_steps=2)
+    assert events == []
+
+
 def test_tuning_moves_only_the_recipe_tensors(tiny_sd):
     pipe = EI2Pipeline.from_pretrained(tiny_sd, recipe="tune-a-video", device="cpu")
     pipe.set_progress_bar_config(disable=True)

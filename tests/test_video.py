@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from ei2.errors import VideoError
-from ei2.video import atomic_path, make_grid, read_video, resize_and_crop, write_gif, write_mp4, write_video
+from ei2.files import atomic_path
+from ei2.video import make_grid, read_video, resize_and_crop, write_gif, write_mp4, write_video
 
 
 def numbered_frames(n=10, h=24, w=40):

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
-from .video import atomic_path
+from .files import atomic_path
 
 
 def alpha(scheduler, t: int | None, device=None) -> torch.Tensor:

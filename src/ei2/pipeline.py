@@ -2,9 +2,9 @@
 
 Follows diffusers pipeline conventions: components (`vae`, `text_encoder`, `tokenizer`, `unet`,
 `scheduler`), `from_pretrained`, `progress_bar`/`set_progress_bar_config`, `callback_on_step_end`
-and a dataclass output. The `unet` is a `VideoUNet` (the 2D UNet inflated with a recipe).
-Frames in and out are `(f, h, w, 3)` uint8 (`(b, f, h, w, 3)` for a batch of edits); latents are
-`(b, c, f, h, w)`.
+and a dataclass output; `set_progress_callback(fn)` reports the steps of every bar to `fn` as well.
+The `unet` is a `VideoUNet` (the 2D UNet inflated with a recipe). Frames in and out are `(f, h, w, 3)`
+uint8 (`(b, f, h, w, 3)` for a batch of edits); latents are `(b, c, f, h, w)`.
 
     pipe = EI2Pipeline.from_pretrained("path/to/stable-diffusion-v1-5", recipe="ei2")
     pipe.tune(frames, "a man is skiing")
@@ -18,6 +18,7 @@ that fits in one window is edited exactly as without windowing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import EI2Error, ModelError
-from .files import replace_folder
+from .files import replace_folder, write_json
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
                         start_step, tensor_hash)
 from .models import Recipe, VideoUNet
@@ -44,6 +45,8 @@ MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MIXED = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+ProgressCallback = Callable[[str | None, int, int], None]  # (desc, step, total): EI2Pipeline.set_progress_callback
 
 
 def default_model_path() -> Path:
@@ -121,6 +124,38 @@ def check_model_folder(path: Path) -> None:
         )
 
 
+class _ReportedBar:
+    """A tqdm bar that also reports its steps to `callback(desc, step, total)`: step 0 when it starts."""
+
+    def __init__(self, bar, desc: str | None, callback: ProgressCallback):
+        self.bar, self.desc, self.callback, self.n = bar, desc, callback, 0
+        callback(desc, 0, bar.total)
+
+    def update(self, n: int = 1):
+        self.n += n
+        self.bar.update(n)
+        self.callback(self.desc, self.n, self.bar.total)
+
+    def __iter__(self):
+        for item in self.bar:
+            yield item
+            self.n += 1
+            self.callback(self.desc, self.n, self.bar.total)
+
+    def close(self):
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+
 @dataclass
 class EI2PipelineOutput(BaseOutput):
     """frames: (b, f, h, w, 3) uint8 (None for output_type="latent"); latents: the final (b, c, f, h, w)."""
@@ -143,6 +178,8 @@ class EI2Pipeline(DiffusionPipeline):
         self.windowing: Windowing | None = None  # None: every video in one piece
         # pix2pix-zero's regularisation of the inverted noise (None: plain DDIM inversion)
         self.noise_regularization: NoiseRegularization | None = None
+        self.null_text_cache = None  # ei2.control's null-text inversions (made on first use, beside inversion_cache)
+        self._progress_callback: ProgressCallback | None = None
 
     def set_windowing(self, window: int | None = defaults.WINDOW, stride: int | None = None,
                       anchors: int = defaults.ANCHOR_FRAMES, batch: int = defaults.WINDOW_BATCH) -> None:
@@ -266,24 +303,43 @@ class EI2Pipeline(DiffusionPipeline):
         """Frame side the model was trained at: vae scale factor x UNet sample size (512 for SD 1.x)."""
         return self.vae_scale_factor * int(self.unet.config.sample_size)
 
-    def _bar(self, desc: str, total: int):
-        config = dict(getattr(self, "_progress_bar_config", {}) or {})
-        label = getattr(self, "_windows_label", None)
-        config.setdefault("desc", f"{desc} ({label})" if label else desc)
-        config.setdefault("dynamic_ncols", True)
-        self._current_bar = tqdm(total=total, **config)
-        return self._current_bar
-
-    def _progress_enabled(self) -> bool:
-        return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
-
-    def _autocast(self):
+    def autocast(self):
+        """The context the UNet runs in: autocast to `mixed_precision` (fp16/bf16), a null context in fp32."""
         if self.mixed_precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.unet.device.type, dtype=DTYPES[self.mixed_precision])
 
-    def _ddim(self) -> DDIMScheduler:
+    def ddim_scheduler(self) -> DDIMScheduler:
+        """A fresh DDIM scheduler with the pipeline's scheduler config: one for each inversion or sampling loop."""
         return DDIMScheduler.from_config(self.scheduler.config)
+
+    # ------------------------------------------------------------------------------------------ progress
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+        """A tqdm bar over `iterable` or of `total` steps, as diffusers' `progress_bar`: `set_progress_bar_config`
+        applies. `desc` labels it (with the windows of a long video: "editing (3 windows of 8)"). Each of its
+        steps is also reported to the progress callback (`set_progress_callback`) under `desc`."""
+        if iterable is None and total is None:
+            raise ValueError("Either `total` or `iterable` has to be defined.")
+        config = dict(getattr(self, "_progress_bar_config", {}) or {})
+        if desc is not None:
+            label = getattr(self, "_windows_label", None)
+            config.setdefault("desc", f"{desc} ({label})" if label else desc)
+        config.setdefault("dynamic_ncols", True)
+        bar = tqdm(iterable, total=total, **config)
+        self._current_bar = bar
+        if self._progress_callback is None:
+            return bar
+        return _ReportedBar(bar, desc, self._progress_callback)
+
+    def set_progress_callback(self, callback: ProgressCallback | None) -> None:
+        """Report progress to `callback(desc, step, total)` besides the bars (also with bars disabled): it is
+        called with step 0 when a bar starts and after each of its steps. `desc` is the bar's label: "inversion",
+        "null-text inversion" (a step is one inner iteration) or "editing". Tuning reports through `tune`'s
+        `callback`. `None` removes the callback."""
+        self._progress_callback = callback
+
+    def _progress_enabled(self) -> bool:
+        return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
 
     @staticmethod
     def start_step(num_inference_steps: int, strength: float) -> int:
@@ -384,7 +440,6 @@ class EI2Pipeline(DiffusionPipeline):
         `StableDiffusionPipeline.save_pretrained` writes them, safetensors only. The folder appears whole
         (written beside it, then renamed); an existing folder is replaced.
         """
-        import json
         import shutil
 
         from diffusers import __version__ as diffusers_version
@@ -419,7 +474,7 @@ class EI2Pipeline(DiffusionPipeline):
             for name in MODEL_PARTS:
                 module = self.unet.unet if name == "unet" else getattr(self, name)
                 index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_json(tmp / "model_index.json", dict(sorted(index.items())))  # sorted, as diffusers writes it
             replace_folder(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -488,10 +543,10 @@ class EI2Pipeline(DiffusionPipeline):
         if cached is not None and cached.shape[1:] == latents.shape:
             return cached.to(latents.device)
         text = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
-        with self._autocast():
-            trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self._ddim(), latents, text,
-                                                   num_inference_steps,
-                                                   progress=lambda total: self._bar("inversion", total),
+        with self.autocast():
+            trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents,
+                                                   text, num_inference_steps,
+                                                   progress=functools.partial(self.progress_bar, desc="inversion"),
                                                    noise_regularization=self.noise_regularization)
         trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
@@ -598,11 +653,11 @@ class EI2Pipeline(DiffusionPipeline):
             out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
             return out.get("latents")
 
-        with self._autocast():
+        with self.autocast():
             latents = ddim_sample(
-                self.denoiser(latents.shape[2]), self._ddim(), latents, text, num_inference_steps,
+                self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents, text, num_inference_steps,
                 guidance_scale=guidance_scale,
-                uncond_emb=uncond, progress=lambda total: self._bar("editing", total), callback=on_step,
+                uncond_emb=uncond, progress=functools.partial(self.progress_bar, desc="editing"), callback=on_step,
                 cross_attention_kwargs=cross_attention_kwargs, start=start, guidance_rescale=guidance_rescale,
                 rescale_std=guidance_rescale_std,
             )

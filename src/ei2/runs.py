@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 import re
@@ -31,7 +30,7 @@ from typing import Callable
 
 from . import config as cfg
 from .errors import ConfigError, EI2Error
-from .files import replace_folder
+from .files import replace_folder, write_json
 
 RUN_FILE = "run.json"
 PARTIAL = ".partial"
@@ -189,61 +188,28 @@ def _cache_dir() -> Path:
     return base / "ei2" / "inversions"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    from .video import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- progress
-class _ReportingBar:
-    """A pipeline progress bar that also reports every step to `progress(stage, step, total)`."""
-
-    def __init__(self, bar, stage: str, total: int, progress: Progress):
-        self.bar, self.stage, self.total, self.progress, self.n = bar, stage, total, progress, 0
-        progress(stage, 0, total)
-
-    def update(self, n: int = 1):
-        self.n += n
-        self.bar.update(n)
-        self.progress(self.stage, self.n, self.total)
-
-    def close(self):
-        self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.bar, name)
-
-
 class _Reporter:
-    """Routes the pipeline's bars (inversion, editing, null-text inversion) to `progress`; `stage` names
-    the current edit ("edit 2/3") so its sampling bar reports under that name."""
+    """Routes the pipeline's bars (inversion, editing, null-text inversion) to `progress`, through the pipeline's
+    progress callback; `stage` names the current edit ("edit 2/3") so its sampling bar reports under that name."""
 
     def __init__(self, pipe, progress: Progress | None):
         self.pipe, self.progress, self.stage = pipe, progress, None
 
     def __enter__(self):
         if self.progress is not None:
-            original = self.pipe._bar
-
-            def bar(desc: str, total: int):
-                stage = self.stage if (self.stage and desc == "editing") else desc
-                return _ReportingBar(original(desc, total), stage, total, self.progress)
-
-            self.pipe._bar = bar
+            self.pipe.set_progress_callback(self._bar_step)
         return self
 
     def __exit__(self, *exc):
-        self.pipe.__dict__.pop("_bar", None)
+        if self.progress is not None:
+            self.pipe.set_progress_callback(None)
         return False
+
+    def _bar_step(self, desc: str, step: int, total: int) -> None:
+        self.progress(self.stage if (self.stage and desc == "editing") else desc, step, total)
 
     def __call__(self, stage: str, step: int, total: int) -> None:
         if self.progress is not None:
@@ -374,7 +340,7 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         record["timings"] = timings
         record["adapter"] = {"path": str(final), "hash": pipe.adapter_hash()}
-        _write_json(staging.path / RUN_FILE, record)
+        write_json(staging.path / RUN_FILE, record)
         staging.commit()
     say(f"adapter written to {final}")
     return final
@@ -453,7 +419,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
                                else dataclasses.asdict(pipe.noise_regularization),
                                "sampled_steps": _sampled_steps(s)}
         if p2p is not None:
-            record["p2p"] = dataclasses.asdict(p2p)
+            record["p2p"] = p2p.to_dict()
         injection = injection_config(s)
         if injection.active(_sampled_steps(s)):
             record["injection"] = injection.to_dict()
@@ -487,7 +453,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
         record["timings"] = timings
         record["outputs"] = {"edits": edits, "source": ["source.mp4", "source.gif"], "grid": ["grid.mp4", "grid.gif"],
                              "adapter": record["adapter"]["path"]}
-        _write_json(out / RUN_FILE, record)
+        write_json(out / RUN_FILE, record)
         staging.commit()
         report("write", 1, 1)
     say(f"wrote {len(edits)} edit(s) to {final}")

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import TuningError
+from .files import write_json
 from .inversion import tensor_hash
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -278,7 +279,7 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
         "optimizer_scalars": scalars,
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
-    (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1, default=str))
+    write_json(tmp / "checkpoint.json", meta)
     os.replace(tmp, final)
     for old in checkpoint_dir.iterdir():  # keep only the latest
         if old != final and old.name.startswith(CHECKPOINT_PREFIX) and old.is_dir():

@@ -8,11 +8,9 @@ Outputs: mp4 (PyAV; libx264 when available, else mpeg4) and gif (Pillow), writte
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageSequence, UnidentifiedImageError
 
 from .errors import VideoError
+from .files import atomic_path
 
 CONTAINER_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 GIF_SUFFIXES = (".gif",)
@@ -225,22 +224,6 @@ def frames_hash(frames: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path` (same suffix); on success it replaces `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _check_frames(frames: np.ndarray) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

@@ -33,6 +33,7 @@ import gradio as gr
 
 from .. import config as cfg
 from .. import runs
+from ..files import write_json
 from ..errors import ConfigError, EI2Error
 from . import FILES
 
@@ -95,7 +96,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _atomic_copy(source: Path, target: Path) -> None:
     """Copy `source` to `target` through a temporary file beside it: `target` is whole or absent."""
-    from ..video import atomic_path
+    from ..files import atomic_path
 
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
@@ -300,7 +301,7 @@ class App:
         with self.index_lock:
             index = self._adapters()
             index[self._tuning_key(s)] = str(adapter)
-            runs._write_json(self.out / "adapters.json", index)
+            write_json(self.out / "adapters.json", index)
 
     @staticmethod
     def _argv(s: cfg.Settings) -> list[str]:
@@ -471,7 +472,7 @@ class App:
             index = self._adapters()
             kept = {key: path for key, path in index.items() if Path(path).is_dir()}
             if kept != index:
-                runs._write_json(self.out / "adapters.json", kept)
+                write_json(self.out / "adapters.json", kept)
             uploads = oldest([p for p in (self.out / "uploads").iterdir() if p.is_file()])
             uploads += oldest([p for p in self.files.iterdir() if p.is_dir() and HEX.fullmatch(p.name)])
             for path in uploads:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path
 from ..metrics.evaluate import COLUMNS
 from .spec import BenchSpec, Job
 
@@ -143,8 +144,6 @@ def paired_table(rows: list[dict], comparisons: list[tuple[str, str, str]], keys
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    from ..video import atomic_path
-
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
@@ -233,8 +232,6 @@ def plots(rows: list[dict], recipes: list[str], folder: Path) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from ..video import atomic_path
-
     folder.mkdir(parents=True, exist_ok=True)
     names = []
     for key in [k for k in PLOTTED if any(k in r for r in rows)]:
@@ -300,8 +297,6 @@ def html_report(spec: BenchSpec, rows: list[dict], md: str, plot_names: list[str
 
 def write_report(spec: BenchSpec, out: Path, jobs: list[Job]) -> None:
     """Reports over the finished jobs among `jobs`; tables use the (video, seed) groups every recipe finished."""
-    from ..video import atomic_path
-
     finished = [j for j in jobs if (out / "jobs" / j.id / "job.json").is_file()]
     rows = collect(out, finished)
     write_csv(rows, out / "results.csv")

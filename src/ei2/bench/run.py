@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..files import replace_folder
+from ..files import replace_folder, write_json
 from .spec import BenchSpec, Job
 
 JOB_FILE = "job.json"
@@ -43,13 +43,6 @@ def is_done(out: Path, job: Job, spec: BenchSpec) -> bool:
         raise ConfigError(f"{path.parent} was made with other settings than this spec's; "
                           "pass another --out, or --overwrite to redo such jobs")
     return True
-
-
-def _write_json(path: Path, data) -> None:
-    from ..video import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 class Log:
@@ -167,7 +160,7 @@ class Runner:
                        "mean_last_10": float(np.mean(losses[-10:])) if losses else None},
             "edits": edits,
         }
-        _write_json(partial / JOB_FILE, record)
+        write_json(partial / JOB_FILE, record)
         replace_folder(partial, final)  # a finished job (--overwrite) is replaced in one rename
         return record
 
@@ -185,7 +178,7 @@ class Runner:
                               job.video.source_prompt, self.spec.metrics, self.scorer, source_centres=centres)
         for edit, row in zip(record["edits"], rows):
             edit["metrics"] = row
-        _write_json(folder / JOB_FILE, record)
+        write_json(folder / JOB_FILE, record)
 
 
 def _device(requested: str, state) -> str:
@@ -215,9 +208,9 @@ def run_bench(spec: BenchSpec, out: str | Path, device: str = "auto", threads: i
     pending = [j for j in jobs if not is_done(out, j, spec)]
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "spec.json", {"name": spec.name, "spec": str(spec.path), "quick": spec.quick,
-                                        "digest": spec.digest(), "jobs": [j.id for j in jobs],
-                                        "processes": state.num_processes})
+        write_json(out / "spec.json", {"name": spec.name, "spec": str(spec.path), "quick": spec.quick,
+                                       "digest": spec.digest(), "jobs": [j.id for j in jobs],
+                                       "processes": state.num_processes})
         _say(quiet, f"{len(jobs)} jobs, {len(jobs) - len(pending)} already done, {len(pending)} to run "
                     f"on {state.num_processes} process(es)")
     state.wait_for_everyone()  # every process has listed `pending` before any job starts

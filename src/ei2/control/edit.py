@@ -13,9 +13,14 @@ on an `EI2Pipeline` (DESIGN §1.8, §1.9).
    inversion alone still helps fidelity).
 3. Return the targets' latents, the source branch's latents and the controller with its stored maps
    (for `save_attention_grid`).
+
+What is taken from `pipe` is its public face: its components, `encode_prompt`, `invert`/`invert_trajectory`,
+`autocast()`, `ddim_scheduler()`, `progress_bar(total=, desc=)` (which reports to the pipeline's progress
+callback), its caches and, for long videos, `denoiser`/`windowing_key`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -72,13 +77,14 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
         return cached
     trajectory = pipe.invert_trajectory(latents=latents, prompt=prompt, num_inference_steps=num_inference_steps,
                                         use_cache=use_cache)
-    with pipe._autocast():
+    with pipe.autocast():
         result = null_text_inversion(
-            _denoiser(pipe, latents), pipe._ddim(), latents, pipe.encode_prompt(prompt),
+            _denoiser(pipe, latents), pipe.ddim_scheduler(), latents, pipe.encode_prompt(prompt),
             pipe.encode_prompt(negative_prompt or ""),
             num_inference_steps,
             guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, learning_rate=learning_rate,
-            early_stop_epsilon=early_stop_epsilon, progress=lambda total: pipe._bar("null-text inversion", total),
+            early_stop_epsilon=early_stop_epsilon,
+            progress=functools.partial(pipe.progress_bar, desc="null-text inversion"),
             start=start, trajectory=trajectory,
         )
     result = NullTextInversion(result.latents.float(), result.uncond_embeddings.float())
@@ -140,11 +146,11 @@ def controlled_edit(
 
     # 3. Denoise all branches together (source first with p2p or injection)
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
-    with pipe._autocast():
+    with pipe.autocast():
         out = controlled_sample(
-            _denoiser(pipe, x_t), pipe._ddim(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
+            _denoiser(pipe, x_t), pipe.ddim_scheduler(), x_t, pipe.encode_prompt(prompts), num_inference_steps,
             guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
-            progress=lambda total: pipe._bar("editing", total), injection=feature_injection,
+            progress=functools.partial(pipe.progress_bar, desc="editing"), injection=feature_injection,
             start=start, guidance_rescale=guidance_rescale, guidance_rescale_std=guidance_rescale_std,
         )
     out = out.float()

@@ -24,12 +24,12 @@ decoder's second level (Plug-and-Play's and TokenFlow's choice): 16x16 tokens of
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from .. import dataclass_io
 from .controllers import LayerPlace
 from .words import P2PError, Window, check_window, step_range
 
@@ -63,15 +63,11 @@ class InjectionConfig:
         return bool(step_range(features, num_steps)) or bool(step_range(attention, num_steps))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclass_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "InjectionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise P2PError(f"unknown injection key(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
+        return dataclass_io.from_dict(cls, data, "injection", P2PError)
 
 
 def from_source(x: torch.Tensor, num_prompts: int, num_frames: int = 1) -> torch.Tensor:

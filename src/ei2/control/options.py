@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 
+from .. import dataclass_io
 from .controllers import AttentionEdit, AttentionRefine, AttentionReplace, AttentionReweight, LocalBlend
 from .words import (
     P2PError, check_same_token_count, check_window, cross_replace_alpha, refinement_mapper, require_word,
@@ -80,15 +80,13 @@ class P2PConfig:
         th = self.blend_threshold
         return (th, th) if isinstance(th, (int, float)) else tuple(th)
 
+    def to_dict(self) -> dict:
+        return dataclass_io.to_dict(self)
+
     @classmethod
     def from_dict(cls, data: Mapping) -> "P2PConfig":
         """From the `p2p:` section of a YAML config (keys as the field names)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise P2PError(f"unknown p2p key(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
-        return cls(**data)
+        return dataclass_io.from_dict(cls, data, "p2p", P2PError)
 
 
 def parse_cross_replace(values: Sequence[str]) -> float | dict[str, float]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..video import atomic_path
+from ..files import atomic_path
 from .controllers import AttentionStore
 from .words import P2PError, word_token_indices
 

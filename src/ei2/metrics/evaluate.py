@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..files import write_json
 
 KINDS = ("clip", "oracle", "flow")
 # column order and format of printed tables
@@ -123,8 +124,6 @@ def _pick(run_dir: Path, names: list[str]) -> Path:
 
 def evaluate_run(run_dir: str | Path, clip_model: str | None = None, metrics=KINDS, device: str = "cpu") -> dict:
     """Compute the metrics of an `ei2 edit` run folder and store them in its run.json (atomically)."""
-    from ..video import atomic_path
-
     run_dir = Path(run_dir)
     record_path = run_dir / "run.json"
     if not record_path.is_file():
@@ -153,8 +152,7 @@ def evaluate_run(run_dir: str | Path, clip_model: str | None = None, metrics=KIN
         "mean": mean_rows(rows),
     }
     record["metrics"] = result
-    with atomic_path(record_path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(record_path, record)
     return result
 
 

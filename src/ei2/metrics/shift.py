@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
+from ..files import atomic_path
+
 KINDS = ("temporal", "frame", "cross")
 FRAME_ATTENTION_NAMES = {
     "SparseCausalAttention": "SCA", "FineCoarseFrameAttention": "FFAM", "FullFrameAttention": "full",
@@ -547,8 +549,6 @@ def plot_shift(records: list[dict], path, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..video import atomic_path
 
     recipes = list(dict.fromkeys(r["recipe"] for r in records))
     states = list(dict.fromkeys(r["state"] for r in records))

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..files import atomic_path
+
 DEFAULT_TIMESTEPS = (100, 500, 900)
 OUTPUTS = ("shift.csv", "shift.md", "shift_by_layer.png")
 
@@ -119,7 +121,7 @@ def _run(args, argv) -> int:
     from ..errors import ConfigError
     from ..models.video_unet import VideoUNet
     from ..pipeline import EI2Pipeline
-    from ..video import atomic_path, read_video
+    from ..video import read_video
     from .shift import analyze_shift, base_query_weights, format_summary, format_table, plot_shift, summarize, to_csv
 
     recipes, adapters, kinds, out = _check_args(args)

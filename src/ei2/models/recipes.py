@@ -5,11 +5,12 @@ SCA vs FFAM, module order) are just other recipes.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
+
+from .. import dataclass_io
 
 FRAME_ATTENTIONS = ("self", "sparse-causal", "ffam", "full")
 TEMPORAL_MODULES = ("none", "ta", "stam")
@@ -63,9 +64,7 @@ class Recipe:
         return any(fnmatch.fnmatchcase(parameter_name, pattern) for pattern in self.trainable)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["trainable"] = list(self.trainable)
-        return d
+        return dataclass_io.to_dict(self)
 
     def digest(self) -> str:
         """Identity of the recipe's contents (every field, not only its name: custom recipes are all "custom")."""
@@ -74,10 +73,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return dataclass_io.from_dict(cls, data, "recipe")
 
 
 RECIPES: dict[str, Recipe] = {

@@ -30,7 +30,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import replace_folder
+from ..files import replace_folder, write_json
 from .context import VideoContext
 from .frame_attention import frame_attention_processor
 from .recipes import Recipe, get_recipe
@@ -361,7 +361,7 @@ class VideoUNet(nn.Module):
         tmp.mkdir()
         try:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+            write_json(tmp / ADAPTER_CONFIG, meta)
             replace_folder(tmp, directory)  # the folder is the old adapter or the new one, never a mix
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
