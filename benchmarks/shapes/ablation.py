@@ -56,7 +56,7 @@ def run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for video in videos:
-        for tuned in (True, False):
+        for tuned in {"both": (True, False), "tuned": (True,), "untuned": (False,)}[args.tuning]:
             t0 = time.perf_counter()
             pipe = EI2Pipeline.from_pretrained(args.model, recipe="ei2", device="cpu", dtype="fp32")
             pipe.set_progress_bar_config(disable=True)
@@ -92,6 +92,7 @@ def run(args) -> None:
 
 def summary(paths) -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]]
+    rows = list({(r["video"], r["kind"], r["variant"], r["tuned"]): r for r in rows}.values())  # a rerun: the last
     print("| tuning | variant | n | path kept: colour / shape / background | edit acc: colour / shape / background "
           "| collapsed frames | Tex-Ali | Tem-Con | warp |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", nargs="*", help="only these videos of the spec")
     ap.add_argument("--variants", nargs="*", help=f"only these variants: {', '.join(VARIANTS)}")
     ap.add_argument("--untuned", nargs="*", default=None, help=f"the variants also run untuned (default: {UNTUNED})")
+    ap.add_argument("--tuning", choices=["both", "tuned", "untuned"], default="both",
+                    help="run the tuned variants, the untuned ones, or both")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--inference-steps", type=int, default=25)
