@@ -124,7 +124,11 @@ def test_trainable_set_is_identified_by_its_names_not_their_lengths():
     # attn1 and attn2 have names of the same length: the old identity (a hash of the lengths) confused them
     assert names_hash(["b.attn1.to_q.weight"]) != names_hash(["b.attn2.to_q.weight"])
     assert names_hash(["a", "b"]) != names_hash(["b", "a"])
-    assert names_hash(["b.attn1.to_q.weight"]) == names_hash(["b.attn1.to_q.weight"])
+    import hashlib
+
+    # the closed form: sha256 of the names one per line (first 16 hex digits), then the count
+    names = ["down.attn1.to_q.weight", "up.attn2.to_k.weight"]
+    assert names_hash(names) == hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] + ":2"
 
 
 # ---------------------------------------------------------------------------------------------- adapter writes
