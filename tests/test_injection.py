@@ -132,10 +132,103 @@ def test_zero_steps_equal_the_plain_edit_and_nothing_is_left_installed(tiny_pipe
 def test_same_prompt_injected_edit_equals_the_source_branch(tiny_pipe, frames, recipe):
     pipe = tiny_pipe(recipe)
     latents = pipe.encode_frames(frames)
+    # without guidance every branch is the conditional prediction: full injection reproduces the source
     result = controlled_edit(pipe, latents, "a red square", ["a red square"], num_inference_steps=STEPS,
-                             guidance_scale=7.5, injection=InjectionConfig(1.0, 1.0))
+                             guidance_scale=1.0, injection=InjectionConfig(1.0, 1.0))
     # equal up to float rounding: rows of one CPU batch differ by ~1e-6 for identical inputs
     assert (result.latents - result.source_latents).abs().max().item() < 1e-4
+    # with a P2P controller the source keeps its guidance halves: the same holds at guidance 7.5
+    p2p = P2PConfig("replace", cross_replace=1.0, self_replace=1.0)
+    guided = controlled_edit(pipe, latents, "a red square", ["a red square"], num_inference_steps=STEPS,
+                             guidance_scale=7.5, injection=InjectionConfig(1.0, 1.0), p2p=p2p)
+    assert (guided.latents - guided.source_latents).abs().max().item() < 1e-4
+
+
+def _unet_batches(pipe):
+    """Record the batch size of every VideoUNet call, (b, c, f, h, w) samples (a forward pre-hook)."""
+    sizes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(args[0].shape[0]),
+                                                 with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("recipe", ["ei2", "tune-a-video"])
+def test_shared_source_equals_a_conditional_source_in_both_guidance_groups(tiny_pipe, frames, recipe):
+    """Plug-and-Play's layout: the source runs once, conditional only, every target half takes it, and it leaves the
+    batch after the last injecting step. Reference: the two-group layout (source in both groups) where the source's
+    unconditional embedding is its prompt's, so that its guided prediction is its conditional one and both groups'
+    source entries are the conditional source, run to the end."""
+    from ei2.inversion import ddim_sample
+
+    pipe = tiny_pipe(recipe)
+    latents = pipe.encode_frames(frames)
+    prompts = ["a red square", "a tan square", "a blue circle"]
+    config = InjectionConfig(features=0.5, attention=0.25)
+    steps, guidance = 6, 7.5
+    x_t = pipe.invert(latents=latents, prompt=prompts[0], num_inference_steps=steps).expand(3, -1, -1, -1, -1)
+    sizes, handle = _unet_batches(pipe)  # after the (cached) inversion
+    try:
+        fast = controlled_edit(pipe, latents, prompts[0], prompts[1:], num_inference_steps=steps,
+                               guidance_scale=guidance, injection=config)
+    finally:
+        handle.remove()
+    # 3 steps with the source (1 + 2 x 2 targets), then the targets' guidance halves only
+    assert sizes == [5, 5, 5, 4, 4, 4]
+    assert fast.source_latents is None and fast.latents.shape == (2, *latents.shape[1:])
+
+    text = pipe.encode_prompt(prompts)
+    uncond = torch.cat([text[:1], pipe.encode_prompt([""] * 2)])  # the source's "unconditional" = its prompt
+    injection = FeatureInjection(config, 3, steps)
+    with attention_control(pipe.unet, None, injection):  # the plain loop, every branch to the end
+        reference = ddim_sample(pipe.unet, pipe.ddim_scheduler(), x_t, text, steps, guidance, uncond,
+                                callback=injection.step_callback)
+    torch.testing.assert_close(fast.latents, reference[1:], rtol=1e-4, atol=1e-4)
+
+
+def test_shared_source_leaves_with_strength_and_stays_for_full_injection(tiny_pipe, frames):
+    pipe = tiny_pipe("ei2")
+    latents = pipe.encode_frames(frames)
+    pipe.invert(latents=latents, prompt="a red square", num_inference_steps=8)  # cached: not counted below
+    for config, strength, expected in ((InjectionConfig(0.5, 0.0), 0.5, [3, 3, 2, 2]),   # 4 of 8 steps run, 2 inject
+                                       (InjectionConfig(0.0, (0.25, 0.5)), 1.0, [3, 3, 3, 3, 2, 2, 2, 2]),  # steps 2-3
+                                       (InjectionConfig(1.0, 0.0), 1.0, [3] * 8)):
+        sizes, handle = _unet_batches(pipe)
+        try:
+            out = controlled_edit(pipe, latents, "a red square", ["a tan square"], num_inference_steps=8,
+                                  guidance_scale=7.5, injection=config, strength=strength)
+        finally:
+            handle.remove()
+        assert sizes == expected, (config, strength)
+        assert (out.source_latents is None) == (expected[-1] == 2)
+
+
+def test_p2p_source_branch_leaves_after_the_last_replaced_map_unless_blending_or_recording(tiny_pipe, frames):
+    pipe = tiny_pipe("ei2")
+    latents = pipe.encode_frames(frames)
+    pipe.invert(latents=latents, prompt="a red square", num_inference_steps=8)  # cached: not counted below
+    common = dict(num_inference_steps=8, guidance_scale=7.5)
+    runs = {}
+    for name, p2p, extra in (("drops", P2PConfig("replace", cross_replace=0.5, self_replace=0.25), {}),
+                             ("recorded", P2PConfig("replace", cross_replace=0.5, self_replace=0.25),
+                              dict(record_attention=True)),
+                             ("blended", P2PConfig("replace", cross_replace=0.5, self_replace=0.25,
+                                                   blend_words=("red", "tan")), {}),
+                             ("with injection", P2PConfig("replace", cross_replace=0.25, self_replace=0.25),
+                              dict(injection=InjectionConfig(0.75, 0.0)))):
+        sizes, handle = _unet_batches(pipe)
+        try:
+            runs[name] = controlled_edit(pipe, latents, "a red square", ["a tan square"], p2p=p2p, **common, **extra)
+        finally:
+            handle.remove()
+        runs[name].sizes = sizes
+    # two guidance groups of (source, target) while a map is replaced (steps 0-3), then the target's two halves
+    assert runs["drops"].sizes == [4] * 4 + [2] * 4 and runs["drops"].source_latents is None
+    assert runs["recorded"].sizes == [4] * 8 and runs["blended"].sizes == [4] * 8
+    assert runs["with injection"].sizes == [4] * 6 + [2] * 2  # the injection needs it longer (6 of 8 steps)
+    # the target does not notice: the same latents as the run that keeps the source to the end
+    torch.testing.assert_close(runs["drops"].latents, runs["recorded"].latents, rtol=1e-4, atol=1e-4)
+    maps = runs["recorded"].controller.average_maps()
+    assert maps and all(m.shape[0] == 2 for m in maps.values())  # both branches, every step
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))

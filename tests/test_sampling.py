@@ -373,8 +373,8 @@ def test_injection_and_p2p_fractions_count_the_steps_that_run(pipe, monkeypatch)
     seen = {}
     real_injection, real_controller = edit_module.FeatureInjection, edit_module.build_controller
 
-    def spy_injection(config, num_prompts, num_steps):
-        seen["injection"] = real_injection(config, num_prompts, num_steps)
+    def spy_injection(config, num_prompts, num_steps, *args):
+        seen["injection"] = real_injection(config, num_prompts, num_steps, *args)
         return seen["injection"]
 
     def spy_controller(config, tokenizer, source, targets, num_steps):

@@ -123,18 +123,28 @@ def rescale_guidance(guided, cond, guidance_rescale: float, std: str = GUIDANCE_
 
 
 def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0, cross_attention_kwargs=None,
-                 guidance_rescale: float = GUIDANCE_RESCALE, rescale_std: str = GUIDANCE_RESCALE_STD):
+                 guidance_rescale: float = GUIDANCE_RESCALE, rescale_std: str = GUIDANCE_RESCALE_STD,
+                 unguided: int = 0):
     """The model's prediction (fp32) at timestep t for `latents`, with classifier-free guidance when `uncond_emb`
-    is given (one batch, unconditional half first), optionally rescaled (`rescale_guidance`)."""
+    is given (one batch, unconditional half first), optionally rescaled (`rescale_guidance`).
+
+    `unguided`: the first entries of `latents` are predicted without guidance (conditional only); the UNet's
+    batch is then `[those (conditional), the rest (unconditional), the rest (conditional)]`, and `uncond_emb`
+    is `(1, L, D)` or one per guided entry."""
     if uncond_emb is None or guidance_scale == 1.0:
         return unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
-    b = latents.shape[0]
-    both = unet(
-        torch.cat([latents, latents]), t, torch.cat([uncond_emb.expand(b, -1, -1), text_emb]),
+    k = unguided
+    rest = latents[k:]
+    b = rest.shape[0]
+    if b == 0:
+        return unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+    out = unet(
+        torch.cat([latents[:k], rest, rest]), t, torch.cat([text_emb[:k], uncond_emb.expand(b, -1, -1), text_emb[k:]]),
         cross_attention_kwargs=cross_attention_kwargs,
     ).sample.float()
-    uncond, cond = both.chunk(2)
-    return rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale, rescale_std)
+    lead, uncond, cond = out.split([k, b, b])
+    guided = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale, rescale_std)
+    return torch.cat([lead, guided]) if k else guided
 
 
 def predict_eps(unet, scheduler, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0,
@@ -293,6 +303,9 @@ def ddim_sample(
     start: int = 0,
     guidance_rescale: float = GUIDANCE_RESCALE,
     rescale_std: str = GUIDANCE_RESCALE_STD,
+    unguided: int = 0,
+    drop_first: int = 0,
+    drop_after: int | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) from x_T `(b, c, f, h, w)` under `text_emb` `(b, L, D)`.
 
@@ -302,8 +315,15 @@ def ddim_sample(
     `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step that runs (null-text inversion).
     `guidance_rescale` (0: off) and `rescale_std` (`video` or `frame`): see `rescale_guidance`.
     `callback(i, t, latents) -> latents | None` runs after every step (it may replace the latents).
+    `unguided`: the first entries are sampled without guidance (see `model_output`). `drop_first` entries leave
+    the batch after step `drop_after` (an index of the steps that run; e.g. a source branch that is no longer
+    needed); only the others are sampled on and returned.
     """
     kind = prediction_type(scheduler)
+    if not 0 <= unguided <= latents.shape[0]:
+        raise ValueError(f"unguided must be between 0 and the batch size {latents.shape[0]}, got {unguided}")
+    if not 0 <= drop_first < latents.shape[0]:
+        raise ValueError(f"drop_first must leave at least one of the {latents.shape[0]} entries, got {drop_first}")
     if guidance_scale != 1.0 and uncond_emb is None:
         raise ValueError("classifier-free guidance needs uncond_emb (the embedding of the negative/empty prompt)")
     grid = timesteps(scheduler, num_inference_steps, latents.device)
@@ -320,13 +340,17 @@ def ddim_sample(
     for i, t in enumerate(steps):
         uncond = uncond_emb[i] if per_step else uncond_emb
         out = model_output(unet, x, t, text_emb, uncond, guidance_scale, cross_attention_kwargs,
-                           guidance_rescale, rescale_std)
+                           guidance_rescale, rescale_std, unguided)
         nxt = steps[i + 1] if i + 1 < len(steps) else None
         x = ddim_move(out, x, alpha(scheduler, t, x.device), alpha(scheduler, nxt, x.device), kind)
         if callback is not None:
             replaced = callback(i, t, x)
             if replaced is not None:
                 x = replaced
+        if drop_first and drop_after is not None and i == drop_after and nxt is not None:
+            if not per_step and uncond_emb is not None and uncond_emb.shape[0] > 1:  # one per guided entry
+                uncond_emb = uncond_emb[max(0, drop_first - unguided):]
+            x, text_emb, unguided = x[drop_first:], text_emb[drop_first:], max(0, unguided - drop_first)
         if bar is not None:
             bar.update()
     if bar is not None:

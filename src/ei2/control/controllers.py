@@ -66,8 +66,19 @@ class AttentionStore:
             raise ValueError(f"controller for {self.num_prompts} prompts got a batch of {x.shape[0]}")
         return slice(x.shape[0] - self.num_prompts, x.shape[0])
 
+    @property
+    def last_source_step(self) -> int | None:
+        """The last step that needs the source branch in the batch (None: every step; its maps are of every branch)."""
+        return None
+
+    def source_left(self) -> bool:
+        last = self.last_source_step
+        return last is not None and self.cur_step > last
+
     def cross_attention(self, probs: torch.Tensor, place: LayerPlace) -> torch.Tensor:
-        """probs: b f h n L -> the (edited) probs; records the conditional group's maps."""
+        """probs: b f h n L -> the (edited) probs; records the conditional group's maps (while the source is in)."""
+        if self.source_left():  # the sampler dropped the source branch: nothing left to edit or record
+            return probs
         probs = self.edit_cross(probs, place)
         if self.store_cross:
             self.step_maps[place] = probs[self.conditional(probs)].mean(2).detach().float()  # p f n L
@@ -189,10 +200,12 @@ class AttentionEdit(AttentionStore):
     for a window of steps at levels >= `self_replace_min_level`, optional local blend.
 
     cross_alpha: (steps, targets, L) from `words.cross_replace_alpha`; self_steps: the steps (a range).
+    Without local blending and with `keep_maps` False (no attention grid wanted), the source branch is needed
+    only up to the last step that replaces a map (`last_source_step`); the sampler then drops it.
     """
 
     def __init__(self, num_prompts: int, cross_alpha: torch.Tensor, self_steps: range,
-                 self_replace_min_level: int = 0, local_blend: LocalBlend | None = None):
+                 self_replace_min_level: int = 0, local_blend: LocalBlend | None = None, keep_maps: bool = False):
         super().__init__(num_prompts)
         if num_prompts < 2:
             raise ValueError("attention editing needs a source and at least one target prompt")
@@ -200,6 +213,14 @@ class AttentionEdit(AttentionStore):
         self.self_steps = self_steps
         self.self_replace_min_level = self_replace_min_level
         self.local_blend = local_blend
+        self.keep_maps = keep_maps
+
+    @property
+    def last_source_step(self) -> int | None:
+        if self.local_blend is not None or self.keep_maps:  # blending reads the source to the end
+            return None
+        crossed = [i for i in range(len(self.cross_alpha)) if self.cross_alpha[i].any()]
+        return max([*crossed, *self.self_steps], default=-1)
 
     def replace_cross(self, base: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """base: f h n L (source), targets: t f h n L -> the edited target maps, t f h n L."""

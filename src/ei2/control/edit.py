@@ -10,9 +10,13 @@ on an `EI2Pipeline` (DESIGN §1.8, §1.9).
    the same folder, keyed by video, adapter, steps, prompt, guidance and optimisation settings).
 2. With `p2p` or an active `injection`, denoise the source branch together with the targets (batch
    source + targets; one source branch serves both); otherwise denoise the targets only (null-text
-   inversion alone still helps fidelity).
-3. Return the targets' latents, the source branch's latents and the controller with its stored maps
-   (for `save_attention_grid`).
+   inversion alone still helps fidelity). An injection without P2P, null-text inversion or recorded maps
+   runs the source once per step without guidance (the reverse of the DDIM inversion, as Plug-and-Play)
+   (`FeatureInjection(shared_source=True)`). The source branch leaves the batch after the last step that needs
+   it: the last injecting step, the last step a P2P controller replaces a map (without local blending or a
+   recorded attention grid).
+3. Return the targets' latents, the source branch's latents (None where the source branch left early) and
+   the controller with its stored maps (for `save_attention_grid`).
 
 What is taken from `pipe` is its public face: its components, `encode_prompt`, `invert`/`invert_trajectory`,
 `autocast()`, `ddim_scheduler()`, `progress_bar(total=, desc=)` (which reports to the pipeline's progress
@@ -40,7 +44,7 @@ from .sampling import controlled_sample
 
 @dataclass
 class ControlledEdit:
-    """latents: (targets, c, f, h, w); source_latents: (1, c, f, h, w) of the source branch (None without p2p or injection);
+    """latents: (targets, c, f, h, w); source_latents: (1, c, f, h, w) of the source branch (None without p2p or injection, or where it left early);
     controller: the controller (None when no control and no recorded maps); prompts: its branches' prompts."""
 
     latents: torch.Tensor
@@ -131,7 +135,11 @@ def controlled_edit(
     prompts = [source_prompt, *targets] if with_source else targets
     if controller is None and record_attention:
         controller = AttentionStore(len(prompts))
-    feature_injection = FeatureInjection(injection, len(prompts), run) if injects else None
+    elif record_attention:
+        controller.keep_maps = True  # the attention grid shows every branch at every step
+    # Plug-and-Play's layout where nothing else needs the source's guidance halves
+    shared_source = injects and controller is None and not null_text
+    feature_injection = FeatureInjection(injection, len(prompts), run, shared_source) if injects else None
     device = pipe.unet.device
 
     # 2. Invert: null-text (per-step unconditional embeddings) or DDIM with the fixed negative/empty prompt
@@ -154,6 +162,8 @@ def controlled_edit(
             start=start, guidance_rescale=guidance_rescale, guidance_rescale_std=guidance_rescale_std,
         )
     out = out.float()
+    if with_source and out.shape[0] == len(targets):  # the source branch left after its last injecting step
+        return ControlledEdit(out, None, controller, prompts)
     if with_source:
         return ControlledEdit(out[1:], out[:1], controller, prompts)
     return ControlledEdit(out, None, controller, prompts)

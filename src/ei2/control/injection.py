@@ -13,6 +13,11 @@ The layout comes from the source, the appearance from the target prompt. The rep
 every classifier-free-guidance group (unconditional and conditional halves alike): target k takes the
 source entry of its own group. With tau_f = tau_A = 0 nothing is replaced.
 
+With `shared_source` (Plug-and-Play's own layout, the edit's default) the source branch runs once, without
+guidance — the conditional prediction alone, the exact reverse of the DDIM inversion — and every target
+entry of both halves takes it: the UNet's batch is `[source, targets (uncond), targets (cond)]`. The source
+then leaves the batch after `last_source_step`, the last step that injects anything (`ddim_sample`'s `leave_after`).
+
 Which layers: by decoder block, so one option means the same thing on every UNet. `block=1` is the
 decoder's second level (Plug-and-Play's and TokenFlow's choice): 16x16 tokens of a 64x64 SD latent
 (512² frames), 8x8 tokens of a 16x16 Shapes latent. Published SD settings: features 0.8, attention 0.5.
@@ -82,6 +87,18 @@ def from_source(x: torch.Tensor, num_prompts: int, num_frames: int = 1) -> torch
     return groups[:, :1].expand_as(groups).reshape(x.shape)
 
 
+def from_shared_source(x: torch.Tensor, num_prompts: int, num_frames: int = 1) -> torch.Tensor:
+    """Every entry takes the first (the one source entry of a `[source, targets (uncond), targets (cond)]` batch).
+
+    x: `b ...` (num_frames = 1) or frame-folded `(b f) ...`, b = 2 (p - 1) + 1 with guidance, p without."""
+    b = x.shape[0] // num_frames if x.shape[0] % num_frames == 0 else -1
+    if b not in (2 * num_prompts - 1, num_prompts):
+        raise ValueError(f"injection from one shared source for {num_prompts} prompts x {num_frames} frames got a "
+                         f"batch of {x.shape[0]}")
+    entries = x.reshape(b, -1)
+    return entries[:1].expand_as(entries).reshape(x.shape)
+
+
 def decoder_block(place: LayerPlace) -> int | None:
     """Index k of `up_blocks[k]` that holds the layer at `place` (None outside the decoder)."""
     parts = place.name.split(".")
@@ -93,15 +110,26 @@ def decoder_block(place: LayerPlace) -> int | None:
 class FeatureInjection:
     """The state of one sampling loop: which steps inject what; the step is advanced by `step_callback`."""
 
-    def __init__(self, config: InjectionConfig, num_prompts: int, num_steps: int):
+    def __init__(self, config: InjectionConfig, num_prompts: int, num_steps: int, shared_source: bool = False):
         if num_prompts < 2:
             raise ValueError("feature injection needs the source branch and at least one target")
         features, attention = config.windows()
         self.config = config
         self.num_prompts = num_prompts
+        self.shared_source = shared_source
         self.feature_steps = step_range(features, num_steps)
         self.attention_steps = step_range(attention, num_steps)
         self.cur_step = 0
+
+    @property
+    def last_source_step(self) -> int:
+        """The last step (of those that run) that injects features or attention, hence needs the source; -1: none."""
+        return max([*self.feature_steps, *self.attention_steps], default=-1)
+
+    def _from_source(self, x: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        if self.shared_source:
+            return from_shared_source(x, self.num_prompts, num_frames)
+        return from_source(x, self.num_prompts, num_frames)
 
     def reset(self) -> None:
         self.cur_step = 0
@@ -117,12 +145,12 @@ class FeatureInjection:
 
     def replace_self_queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: b f h n d / b f h m d -> the targets' queries and keys are their source's."""
-        return from_source(q, self.num_prompts), from_source(k, self.num_prompts)
+        return self._from_source(q), self._from_source(k)
 
     # ---- decoder ResNet features -----------------------------------------------------------------
     def _feature_hook(self, module, inputs, output):  # output: (b f) c h w
         if self.cur_step in self.feature_steps:
-            return from_source(output, self.num_prompts, self._context.num_frames)
+            return self._from_source(output, self._context.num_frames)
         return None
 
     @contextlib.contextmanager

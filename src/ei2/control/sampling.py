@@ -4,6 +4,9 @@
 and/or a structure-preserving feature injection; their step callbacks (local blending, step counting)
 run after each step. Batch: `b = p` prompts (source first), `(uncond, cond)` halves with
 classifier-free guidance; the unconditional embedding may change per step (null-text inversion).
+An injection with `shared_source` runs the source once, without guidance (`ddim_sample`'s `unguided`). The
+source branch leaves the batch after the last step where the controller and the injection need it (their
+`last_source_step`; `ddim_sample`'s `drop_first`/`drop_after`): only the targets are returned then.
 """
 from __future__ import annotations
 
@@ -59,6 +62,15 @@ def controlled_sample(
         replaced = callback(i, t, x) if callback is not None else None
         return x if replaced is None else replaced
 
+    if injection is not None and injection.shared_source:
+        if controller is not None:
+            raise ValueError("an injection from a shared source runs without a controller (its maps need every "
+                             "branch's guidance halves)")
+        options.update(unguided=1)
+    # the source branch leaves after the last step that needs it (never, with local blending or recorded maps)
+    needed = [c.last_source_step for c in (controller, injection) if c is not None]
+    if None not in needed:
+        options.update(drop_first=1, drop_after=max(needed))
     for control in (controller, injection):
         if control is not None:
             control.reset()
