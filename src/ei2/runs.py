@@ -6,9 +6,11 @@ A run is built in `<out>.partial/` (`Staging`) and renamed to `<out>` when compl
 is either whole or absent. Bad input raises an `EI2Error` (or `AdapterMismatchError`) and leaves no
 run folder; an interrupted tuning keeps its checkpoints in `<out>.partial/` for `resume`.
 
-Under `accelerate launch --multi_gpu --num_processes N`, `edit` shares the windows of a long video out among the
-processes (DESIGN §1.10, `ei2.windows`): every process tunes (rank 0's tensors are then broadcast),
-inverts and edits its windows, merged at every step; only rank 0 writes the run folder.
+Under `accelerate launch --multi_gpu --num_processes N`, `tune` and `edit` share the tuning out among the
+processes: each takes its own seeded clips (micro-batches) of every step and the gradients are averaged, so the
+adapter is the one of one process with gradient accumulation N (`ei2.tuning`); `edit` then shares the windows of a
+long video out (DESIGN §1.10, `ei2.windows`): every process inverts and edits its windows, merged at every step.
+Only rank 0 writes the run folder (checkpoints included); the others wait for it at a barrier.
 
 `progress(stage, step, total)` is called as the job advances: stage "load", "tuning", "inversion",
 "null-text inversion", "edit I/N" (one per target prompt) and "write". `say(message)` receives the
@@ -258,21 +260,25 @@ def configure(pipe, s: cfg.Settings) -> None:
 
 def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, record: dict,
           report: Progress | None = None) -> None:
+    from .tuning import across_processes
+
     checkpoints = staging.path / "checkpoints"
     staging.keep_on_interrupt = s.checkpoint_every > 0
     if report is not None:
         report("tuning", 0, s.steps)
-    result = pipe.tune(
-        latents=latents, source_prompt=s.source_prompt, steps=s.steps, learning_rate=s.lr, seed=s.seed,
-        gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoints,
-        checkpoint_every=s.checkpoint_every, resume=s.resume,
-        callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
-    )
+    with across_processes():  # under `accelerate launch`, the processes share the steps (`ei2.tuning`)
+        result = pipe.tune(
+            latents=latents, source_prompt=s.source_prompt, steps=s.steps, learning_rate=s.lr, seed=s.seed,
+            gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoints,
+            checkpoint_every=s.checkpoint_every, resume=s.resume,
+            callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
+        )
     staging.keep_on_interrupt = False
     timings["tune_s"] = round(result.seconds, 3)
     timings["tune_step_s"] = None if result.seconds_per_step is None else round(result.seconds_per_step, 4)
     record["tuning"] = {
         "steps": result.steps, "resumed_from": result.resumed_from,
+        "processes": result.processes, "micro_batches": result.micro_batches,
         "first_loss": result.losses[0] if result.losses else None,
         "last_loss": result.losses[-1] if result.losses else None,
         "losses": [round(v, 6) for v in result.losses],
@@ -319,8 +325,29 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     """`ei2 tune`: tune on the video and write the adapter folder (with run.json); returns that folder.
 
     `s` must have passed `validate(s, "tune")`; `root` holds the new folder when `s.out` is not set.
+    Under `accelerate launch --multi_gpu --num_processes N` every process tunes its share of each step
+    (`ei2.tuning`); rank 0 alone writes the folder and the others wait for it at a barrier.
     """
+    import tempfile
+
+    from .windows import init_distributed
+
     say = say or _noop
+    rank, world, s.device = init_distributed(s.device)
+    scratch = None
+    if rank:  # another process of `accelerate launch`: it tunes its share, rank 0 writes the adapter
+        scratch = Path(tempfile.mkdtemp(prefix=f"ei2-rank{rank}-"))
+        s.out, s.overwrite, s.resume, s.quiet, say, progress = str(scratch / "run"), True, False, True, _noop, None
+    try:
+        return _tune_job(s, argv, progress, say, root, rank, world)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, rank: int, world: int) -> Path:
+    from .tuning import barrier
+
     final = _run_folder(s, cfg.TUNE, root)
     t0 = time.perf_counter()
     timings: dict = {}
@@ -331,17 +358,20 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
         progress("load", 1, 1)
     record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
     with Staging(final, s.resume) as staging:
+        shared = f", {world} processes" if world > 1 else ""
         say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
-            f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
+            f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device}{shared})")
         latents = pipe.encode_frames(video.frames)
-        _tune(s, pipe, latents, staging, timings, record, progress)
-        pipe.save_adapter(staging.path / "adapter")  # `--adapter <out>` finds it there
-        shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
-        timings["total_s"] = round(time.perf_counter() - t0, 3)
-        record["timings"] = timings
-        record["adapter"] = {"path": str(final), "hash": pipe.adapter_hash()}
-        write_json(staging.path / RUN_FILE, record)
-        staging.commit()
+        _tune(s, pipe, latents, staging, timings, record, progress)  # checkpoints: rank 0's only
+        if rank == 0:
+            pipe.save_adapter(staging.path / "adapter")  # `--adapter <out>` finds it there
+            shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
+            timings["total_s"] = round(time.perf_counter() - t0, 3)
+            record["timings"] = timings
+            record["adapter"] = {"path": str(final), "hash": pipe.adapter_hash()}
+            write_json(staging.path / RUN_FILE, record)
+            staging.commit()
+    barrier(world)  # the other processes end once the adapter is written
     say(f"adapter written to {final}")
     return final
 

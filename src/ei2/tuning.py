@@ -15,10 +15,26 @@ Long videos (DESIGN §1.10): with `window` shorter than the video, each step tun
 consecutive frames, its first frame drawn uniformly from the same seeded generator before the noise
 (`b c f h w -> b c window h w`): the same seed gives the same clips, and a resumed run continues them.
 A clip is tuned as a short video of its own (no anchor frames).
+
+Micro-batches and processes: an optimiser step averages the gradients of K = N x A micro-batches, A =
+`gradient_accumulation` in each of the N processes of `accelerate launch --multi_gpu --num_processes N` that tune
+together (torch.distributed's, when `tune(across_processes=True)` or inside `with across_processes():`, as
+`ei2 tune` and `ei2 edit` call it; else N = 1: every process tunes alone, as `ei2 bench`'s processes each tune
+their own jobs). Micro-batch k of a step is the k-th (clip start, noise,
+timesteps) drawn from the one seeded generator, which every process runs through all K of them in order:
+process r trains on micro-batches r A .. r A + A - 1 and draws the others only to stay in step (a few random
+numbers of the clip's size). The gradients are summed over the micro-batches and, with one `all_reduce` of all
+trainable gradients per step, over the processes, then divided by K; then one clip at `max_grad_norm` and one
+AdamW step, the same in every process. So N processes give the tensors of one process with
+`gradient_accumulation` N x A (up to the order of a floating-point sum; for K = 1 exactly the runs from before
+micro-batches). The loss of a step is the mean over its K micro-batches. Only rank 0 writes checkpoints (the
+others wait at a barrier); a resume is read by rank 0 and broadcast, and needs the same K (any N x A giving it
+continues the same run).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -42,6 +58,7 @@ from .inversion import tensor_hash
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "step-"
+_ACROSS_PROCESSES = contextvars.ContextVar("ei2_tuning_across_processes", default=False)
 
 
 @dataclass
@@ -60,6 +77,7 @@ class TuningConfig:
     checkpoint_every: int = 0  # 0: no checkpoints
     seed: int = 0
     window: int | None = None  # frames of the clip tuned at each step (None, or >= the video: the whole video)
+    gradient_accumulation: int = 1  # micro-batches per optimiser step in each process (their gradients averaged)
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -70,6 +88,8 @@ class TuningConfig:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be at least 1 frame, got {self.window}")
+        if self.gradient_accumulation < 1:
+            raise ValueError(f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}")
 
 
 @dataclass
@@ -79,7 +99,9 @@ class TuningResult:
     resumed_from: int | None = None
     seconds: float = 0.0  # wall time of the steps run in this call
     seconds_per_step: float | None = None
-    clip_starts: list[int] = field(default_factory=list)  # first frame of each step's clip (this call's steps)
+    clip_starts: list[int] = field(default_factory=list)  # first frame of each micro-batch's clip (this call's steps)
+    processes: int = 1  # processes that shared the tuning
+    micro_batches: int = 1  # micro-batches per step, over all processes (processes x gradient_accumulation)
 
 
 def _accelerator(mixed_precision: str, device: torch.device):
@@ -88,6 +110,30 @@ def _accelerator(mixed_precision: str, device: torch.device):
     # accelerate's state is a process-wide singleton; every tuning run sets its own precision
     _reset_accelerate_state()
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+@contextlib.contextmanager
+def across_processes(enabled: bool = True):
+    """Inside this block `tune` shares its steps among the processes of torch.distributed (the default of its
+    `across_processes` argument), also when called through `EI2Pipeline.tune`, as `ei2 tune` and `ei2 edit` do."""
+    token = _ACROSS_PROCESSES.set(enabled)
+    try:
+        yield
+    finally:
+        _ACROSS_PROCESSES.reset(token)
+
+
+def tuning_processes() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group that tunes together; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier(world: int) -> None:
+    """Wait for every process (after rank 0 has written something the others must not get ahead of)."""
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def _target(noise_scheduler, latents, noise, timesteps):
@@ -105,14 +151,16 @@ def names_hash(names: list[str]) -> str:
 
 
 def tuning_identity(unet, latents: torch.Tensor, text_emb: torch.Tensor, names: list[str],
-                    window: int | None = None) -> dict:
-    """What a checkpoint must match to be resumed: recipe contents, base model, data, trainable names, clip length."""
+                    window: int | None = None, micro_batches: int = 1) -> dict:
+    """What a checkpoint must match to be resumed: recipe contents, base model, data, trainable names, clip length,
+    micro-batches per step (processes x gradient accumulation)."""
     return {
         "recipe": unet.recipe.digest(),
         "base_fingerprint": str(unet.base_fingerprint),
         "data": tensor_hash(latents.float(), text_emb.float()),
         "trainable": names_hash(names),
         "window": window,
+        "micro_batches": micro_batches,
     }
 
 
@@ -132,6 +180,7 @@ def tune(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    across_processes: bool | None = None,
 ) -> TuningResult:
     """Tune `unet` (a VideoUNet) in place on `latents` `(b, c, f, h, w)` with text `(b, L, D)`.
 
@@ -139,6 +188,10 @@ def tune(
     `add_noise`, `get_velocity` and `config.num_train_timesteps`, e.g. the model's DDPMScheduler).
     With `resume`, continues from the latest checkpoint in `checkpoint_dir`.
     `callback(step, loss)` runs after every step (and after its checkpoint is written).
+    With `across_processes` (default: False, True inside `with across_processes():`) under torch.distributed
+    (`accelerate launch --multi_gpu --num_processes N`), every process calls it with the same arguments and they
+    share the micro-batches of every step (module docstring); rank 0's `resume` and `checkpoint_dir` decide, and
+    only rank 0 writes checkpoints and shows a progress bar.
     """
     config = config or TuningConfig()
     if latents.ndim != 5:
@@ -156,48 +209,66 @@ def tune(
         params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
     )
-    accelerator = _accelerator(config.mixed_precision, device)
+    accelerator = _accelerator(config.mixed_precision, device)  # joins the process group of a launch, if any
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    shared = _ACROSS_PROCESSES.get() if across_processes is None else across_processes
+    rank, world = tuning_processes() if shared else (0, 1)
+    accumulation = config.gradient_accumulation
+    micro_batches = world * accumulation
+    mine = range(rank * accumulation, (rank + 1) * accumulation)  # this process's micro-batches of every step
     generator = torch.Generator().manual_seed(config.seed)  # noise and timesteps, drawn on the CPU
     num_frames = latents.shape[2]
     window = config.window if config.window is not None and config.window < num_frames else None
-    identity = tuning_identity(unet, latents, text_emb, names, window)
-    result = TuningResult()
+    identity = tuning_identity(unet, latents, text_emb, names, window, micro_batches)
+    result = TuningResult(processes=world, micro_batches=micro_batches)
+    if world > 1:  # every process starts from rank 0's tensors (as DDP does)
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
     start = 0
-    if resume:
-        start, result.losses = _load_checkpoint(checkpoint_dir, unet, names, optimizer, accelerator, generator, identity)
+    checkpoint = _read_shared_checkpoint(checkpoint_dir, resume, rank, world, device)
+    if checkpoint is not None:
+        start, result.losses = _apply_checkpoint(checkpoint, unet, names, optimizer, accelerator, generator, identity)
         result.resumed_from = start
         if start > config.steps:
-            raise TuningError(f"the checkpoint in {checkpoint_dir} is at step {start}, past --steps {config.steps}")
+            raise TuningError(f"the checkpoint in {checkpoint['path']} is at step {start}, past --steps {config.steps}")
 
     was_training = unet.training
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    bar = tqdm(total=config.steps, initial=start, desc="tuning", disable=not progress, dynamic_ncols=True)
+    clip_frames = window or num_frames
+    clip_shape = (*latents.shape[:2], clip_frames, *latents.shape[3:])
+    bar = tqdm(total=config.steps, initial=start, desc="tuning", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         for step in range(start + 1, config.steps + 1):
-            clip = latents
-            if window is not None:  # one clip of `window` consecutive frames: b c f h w -> b c window h w
-                first = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
-                clip = latents[:, :, first : first + window]
-                result.clip_starts.append(first)
-            noise = torch.randn(clip.shape, generator=generator).to(device, clip.dtype)
-            timesteps = torch.randint(0, num_train_timesteps, (clip.shape[0],), generator=generator).to(device)
-            noisy = noise_scheduler.add_noise(clip, noise, timesteps)
-            with accelerator.autocast():
-                prediction = unet(noisy, timesteps, text_emb).sample
-            loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
-            value = loss.item()
-            if not math.isfinite(value):
+            loss_sum = 0.0
+            for k in range(micro_batches):  # every process draws all of them, in order; trains on its own
+                first = 0
+                if window is not None:  # one clip of `window` consecutive frames: b c f h w -> b c window h w
+                    first = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
+                    result.clip_starts.append(first)
+                noise = torch.randn(clip_shape, generator=generator)
+                timesteps = torch.randint(0, num_train_timesteps, (clip_shape[0],), generator=generator)
+                if k not in mine:
+                    continue
+                clip = latents[:, :, first : first + clip_frames]
+                noise, timesteps = noise.to(device, clip.dtype), timesteps.to(device)
+                noisy = noise_scheduler.add_noise(clip, noise, timesteps)
+                with accelerator.autocast():
+                    prediction = unet(noisy, timesteps, text_emb).sample
+                loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
+                loss_sum += loss.item()
+                accelerator.backward(loss)  # summed into .grad over this process's micro-batches
+            value = _average_gradients(params, loss_sum, micro_batches, world, device)
+            if not math.isfinite(value):  # the same value in every process: all of them stop
                 raise TuningError(
                     f"tuning loss became {value} at step {step} (lr {config.learning_rate:g}, "
                     f"precision {config.mixed_precision}); lower --lr"
                     + (" or use --dtype bf16/fp32" if config.mixed_precision == "fp16" else "")
                 )
-            accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -206,8 +277,10 @@ def tune(
             bar.update()
             bar.set_postfix(loss=f"{value:.4f}")
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                _save_checkpoint(checkpoint_dir, step, unet, names, optimizer, accelerator, generator, identity,
-                                 result.losses, config)
+                if rank == 0:
+                    _save_checkpoint(checkpoint_dir, step, unet, names, optimizer, accelerator, generator, identity,
+                                     result.losses, config)
+                barrier(world)
             if callback is not None:
                 callback(step, value)
     finally:
@@ -222,6 +295,41 @@ def tune(
     ran = config.steps - start
     result.seconds_per_step = result.seconds / ran if ran else None
     return result
+
+
+def _average_gradients(params, loss_sum: float, micro_batches: int, world: int, device) -> float:
+    """Turn the gradients summed over this process's micro-batches into the mean over all `micro_batches` of the
+    step, and return the mean loss: the sums (gradients and losses) are added over the processes with one
+    `all_reduce` each, then divided once by `micro_batches` (as a naive loop averaging the micro-batch gradients
+    does; one micro-batch is left untouched).
+
+    The losses and a has-a-gradient flag per tensor travel in float64, the gradients flattened into one float32
+    tensor (a tensor without a gradient adds zeros); a tensor that no process gave a gradient keeps none, as
+    AdamW then skips it."""
+    if world > 1:
+        loss_sum = _sum_gradients_over_processes(params, loss_sum, device)
+    if micro_batches > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(micro_batches)
+    return loss_sum / micro_batches
+
+
+def _sum_gradients_over_processes(params, loss_sum: float, device) -> float:
+    grads = [p.grad for p in params]
+    stats = torch.tensor([loss_sum, *(float(g is not None) for g in grads)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(stats)
+    flat = torch.cat([(torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()).reshape(-1)
+                      for p, g in zip(params, grads)])
+    torch.distributed.all_reduce(flat)
+    for p, piece, present in zip(params, flat.split([p.numel() for p in params]), stats[1:].tolist()):
+        if not present:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = piece.view_as(p).to(p.dtype)
+        else:
+            p.grad.copy_(piece.view_as(p))
+    return float(stats[0])
 
 
 def _reset_accelerate_state():
@@ -286,17 +394,47 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(checkpoint_dir: Path, unet, names, optimizer, accelerator, generator, identity):
+def _read_checkpoint(checkpoint_dir: Path) -> dict:
+    """The files of the latest checkpoint in `checkpoint_dir`, as a dict (a `TuningError` when none or damaged)."""
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
         raise TuningError(f"--resume: no tuning checkpoint in {checkpoint_dir}; run without --resume to start over")
     try:
-        meta = json.loads((path / "checkpoint.json").read_text())
-        trainable = load_file(str(path / "trainable.safetensors"))
-        state = load_file(str(path / "state.safetensors"))
-        opt_tensors = load_file(str(path / "optimizer.safetensors")) if (path / "optimizer.safetensors").exists() else {}
+        return {
+            "path": str(path),
+            "meta": json.loads((path / "checkpoint.json").read_text()),
+            "trainable": load_file(str(path / "trainable.safetensors")),
+            "state": load_file(str(path / "state.safetensors")),
+            "optimizer": load_file(str(path / "optimizer.safetensors"))
+            if (path / "optimizer.safetensors").exists() else {},
+        }
     except Exception as e:
         raise TuningError(f"--resume: checkpoint {path} is damaged ({e}); delete it to resume from an earlier one") from e
+
+
+def _read_shared_checkpoint(checkpoint_dir: Path | None, resume: bool, rank: int, world: int, device) -> dict | None:
+    """Rank 0 reads the checkpoint to resume from (with `resume`; else None) and sends it, or its error, to the
+    other processes, which then resume from it whatever their own `resume` and `checkpoint_dir`."""
+    checkpoint = None
+    if rank == 0 and resume:
+        try:
+            checkpoint = _read_checkpoint(checkpoint_dir)
+        except TuningError as e:
+            if world == 1:
+                raise
+            checkpoint = {"error": str(e)}
+    if world > 1:
+        box = [checkpoint]
+        torch.distributed.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+        checkpoint = box[0]
+    if checkpoint is not None and "error" in checkpoint:
+        raise TuningError(checkpoint["error"])
+    return checkpoint
+
+
+def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, generator, identity):
+    path, meta, trainable, state = checkpoint["path"], checkpoint["meta"], checkpoint["trainable"], checkpoint["state"]
+    opt_tensors = checkpoint["optimizer"]
     for key, label in (("recipe", "recipe"), ("base_fingerprint", "base model"), ("data", "video and prompt"),
                        ("trainable", "trainable tensors"), ("window", "--window")):
         if meta["identity"].get(key) != identity[key]:
@@ -304,6 +442,13 @@ def _load_checkpoint(checkpoint_dir: Path, unet, names, optimizer, accelerator, 
                 f"--resume: checkpoint {path} was made with another {label}; "
                 f"use the settings of the interrupted run or drop --resume"
             )
+    made_with = meta["identity"].get("micro_batches", 1)  # checkpoints from before micro-batches: one per step
+    if made_with != identity["micro_batches"]:
+        raise TuningError(
+            f"--resume: checkpoint {path} was made with {made_with} micro-batch(es) per step (processes x gradient "
+            f"accumulation), this run has {identity['micro_batches']}; resume on as many processes as the "
+            f"interrupted run (or drop --resume)"
+        )
     own = dict(unet.trainable_parameters())
     with torch.no_grad():
         for n in names:
