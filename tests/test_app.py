@@ -388,6 +388,9 @@ def test_a_job_whose_page_is_closed_is_cancelled_at_its_next_step(server, browse
     while not re.search(r"tuning\s+\S*\s+[1-9]\d*/\d+", page.locator("#ei2-status").inner_text()):
         assert time.monotonic() < deadline, page.locator("#ei2-status").inner_text()
         time.sleep(0.1)
+    # gradio's own progress bar (gr.Progress), over the still empty grid: the stage, its step of the total
+    sync_api.expect(page.locator("#ei2-grid")).to_contain_text(
+        re.compile(rf"[1-9]\d*/{MAX_STEPS} steps.*tuning", re.S), timeout=30_000)
     page.close()
     log = _wait_for_log(server, "cancelled a job whose page was closed, at tuning ")
     step = int(log.split("cancelled a job whose page was closed, at tuning ")[1].split("/")[0])
@@ -553,3 +556,46 @@ def test_the_form_passes_as_given_only_what_differs_from_the_model_defaults(app)
     cli.explicit = frozenset({"p2p"})
     cfg.apply_model_defaults(cli, application.model_dir, cfg.EDIT)
     assert (cli.inject_features, cli.inject_attention, cli.steps) == (s.inject_features, s.inject_attention, s.steps)
+
+
+def test_a_job_shows_each_stage_and_step_on_gradios_progress_bar(app, monkeypatch):
+    """`App.run` passes the job's progress events (stage, step, total) to gradio's `gr.Progress`: a stage that counts
+    steps as ((step, total), stage), loading and writing as a fraction with their names."""
+    import threading
+
+    from ei2 import runs
+    from ei2.errors import EI2Error
+
+    application = app()
+    shown, changed = [], threading.Condition()
+    events = [("load", 1, 1), ("tuning", 0, 4), ("tuning", 2, 4), ("tuning", 4, 4), ("inversion", 3, 3),
+              ("edit 1/2", 1, 3), ("edit 2/2", 3, 3), ("write", 0, 1), ("write", 1, 1)]
+    expected = [(1.0, "loading the model"), ((0, 4), "tuning"), ((2, 4), "tuning"), ((4, 4), "tuning"),
+                ((3, 3), "inversion"), ((1, 3), "edit 1/2"), ((3, 3), "edit 2/2"), (0.0, "writing videos"),
+                (1.0, "writing videos")]
+
+    def page_progress(*args, **kwargs):
+        with changed:
+            shown.append(args)
+            changed.notify_all()
+
+    def job(s, argv, progress, say, root):  # stands for runs.edit: each event waits until the page showed it
+        for event, want in zip(events, expected):
+            progress(*event)
+            with changed:
+                assert changed.wait_for(lambda: shown and shown[-1] == want, timeout=30), (event, shown)
+        raise EI2Error("stopped by the test")
+
+    monkeypatch.setattr(runs, "edit", job)
+    form = dict(choice="red_circle_right", upload=None, source_prompt="a red circle moving right on a gray background",
+                targets="a blue circle moving right on a gray background\na red square moving right on a gray "
+                        "background", recipe="ei2", steps=4, inference_steps=3, guidance=7.5, seed=0, frames=8,
+                negative_prompt="", p2p="off", cross_replace="", self_replace="", reweight="", blend_words="",
+                blend_threshold="", inject_features=0.5, inject_attention=0.5, inject_block=1, strength=1.0,
+                guidance_rescale=0.0, reuse=False)
+    updates = list(application.run(**form, page_progress=page_progress))
+    assert "ei2: error: stopped by the test" in updates[-1][0]
+    first = shown.index(expected[0])
+    assert shown[first:] == expected  # every event once, in order
+    # before them, at most the page's "waiting" and the job's own "load 0/1"
+    assert set(shown[:first]) <= {(0.0, "waiting for the previous job"), (0.0, "loading the model")}, shown

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -112,7 +113,11 @@ def test_yaml_config_and_flag_override(tiny_sd, source_video, tmp_path):
         ("model without parts", "has no vae/, text_encoder/, tokenizer/, scheduler/"),
         ("hub id offline", "pass the local folder"),
         ("adapter of another recipe", "pass --recipe ei2"),
-        ("adapter of another model", "another"),
+        # the whole line: what is wrong (same architecture, other weights: the same structure digest twice, \1)
+        # and what to do
+        ("adapter of another model", re.compile(
+            r"ei2: error: adapter \S+/adapter/adapter was tuned on another base model \(its weights differ: "
+            r"adapter base ([0-9a-f]{16}), this model \1\); use the --model it was made with, or tune again")),
         ("unknown yaml key", "unknown key 'frame' (did you mean 'frames'?)"),
         ("wrong yaml type", "'frames' must be an integer, got 'eight'"),
         ("nan loss", "lower --lr"),
@@ -166,7 +171,11 @@ def test_bad_input_one_message_exit_2_no_folder(case, message, tiny_sd, tiny_sd_
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ei2: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("ei2: error: "), err
+    if isinstance(message, re.Pattern):
+        assert message.fullmatch(err[0]), err
+    else:
+        assert message in err[0], err
     assert not (tmp_path / "outputs").exists()
 
 
@@ -202,14 +211,75 @@ def test_existing_run_folder_is_kept_without_overwrite(tiny_sd, source_video, tm
     assert not (out / "mine.txt").exists() and (out / "run.json").is_file()
 
 
-def test_python_dash_m_entry_point():
+# The `ei2 edit` flags the README documents, each with a value and the setting it must give (written here, not read
+# from the parser, whose flags are made from the same table as the settings).
+DOCUMENTED_EDIT_FLAGS = [
+    (["--source-prompt", "a cat"], "source_prompt", "a cat"),
+    (["--target-prompt", "a dog", "--target-prompt", "a fox"], "target_prompt", ["a dog", "a fox"]),
+    (["--model", "some/model"], "model", "some/model"),
+    (["--recipe", "tune-a-video"], "recipe", "tune-a-video"),
+    (["--adapter", "adapters/ski"], "adapter", "adapters/ski"),
+    (["--frames", "12"], "frames", 12),
+    (["--frames", "all"], "frames", "all"),
+    (["--window", "6"], "window", 6),
+    (["--anchor-frames", "2"], "anchor_frames", 2),
+    (["--stride", "2"], "stride", 2),
+    (["--start", "3"], "start", 3),
+    (["--width", "64"], "width", 64),
+    (["--height", "48"], "height", 48),
+    (["--steps", "7"], "steps", 7),
+    (["--lr", "1e-4"], "lr", 1e-4),
+    (["--checkpoint-every", "5"], "checkpoint_every", 5),
+    (["--resume"], "resume", True),
+    (["--no-gradient-checkpointing"], "gradient_checkpointing", False),
+    (["--inference-steps", "9"], "inference_steps", 9),
+    (["--guidance-scale", "7.5"], "guidance_scale", 7.5),
+    (["--negative-prompt", "blurry"], "negative_prompt", "blurry"),
+    (["--strength", "0.6"], "strength", 0.6),
+    (["--guidance-rescale", "0.7"], "guidance_rescale", 0.7),
+    (["--guidance-rescale-std", "frame"], "guidance_rescale_std", "frame"),
+    (["--noise-regularization"], "noise_regularization", True),
+    (["--inject-features", "0.3"], "inject_features", 0.3),
+    (["--inject-attention", "0.5"], "inject_attention", 0.5),
+    (["--inject-block", "2"], "inject_block", 2),
+    (["--p2p", "replace"], "p2p", "replace"),
+    (["--cross-replace", "0.8", "man=0.5"], "cross_replace", ["0.8", "man=0.5"]),
+    (["--self-replace", "0.5"], "self_replace", 0.5),
+    (["--blend-words", "man", "panda"], "blend_words", ["man", "panda"]),
+    (["--reweight", "watercolor=4"], "reweight", ["watercolor=4"]),
+    (["--null-text"], "null_text", True),
+    (["--save-attention", "panda"], "save_attention", "panda"),
+    (["--seed", "3"], "seed", 3),
+    (["--device", "cpu"], "device", "cpu"),
+    (["--dtype", "fp16"], "dtype", "fp16"),
+    (["--out", "runs/a"], "out", "runs/a"),
+    (["--overwrite"], "overwrite", True),
+    (["--quiet"], "quiet", True),
+]
+UNDOCUMENTED_EDIT_FLAGS = {"--help", "--config", "--fps", "--blend-threshold", "--gradient-checkpointing"}
+
+
+def test_every_documented_edit_flag_is_in_the_help_and_gives_its_setting():
+    from pathlib import Path
+
+    from ei2 import config as cfg
+    from ei2.cli import build_parser
+
     done = subprocess.run([sys.executable, "-m", "ei2", "edit", "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0
-    for flag in ["--source-prompt", "--target-prompt", "--adapter", "--recipe", "--frames", "--stride", "--start",
-                 "--width", "--height", "--steps", "--lr", "--inference-steps", "--guidance-scale",
-                 "--negative-prompt", "--seed", "--device", "--dtype", "--config", "--out", "--overwrite", "--quiet",
-                 "--resume", "--no-gradient-checkpointing"]:
-        assert flag in done.stdout, flag
+    assert done.returncode == 0 and done.stdout.startswith("usage: ei2 edit"), done.stderr[-2000:]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    helped = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", done.stdout))
+    documented = {argv[0] for argv, _, _ in DOCUMENTED_EDIT_FLAGS}
+    for argv, name, value in DOCUMENTED_EDIT_FLAGS:
+        flag = argv[0]
+        assert flag in readme, f"{flag} is not in the README"
+        assert flag in helped, f"{flag} is not in `ei2 edit --help`"
+        s = cfg.resolve(cfg.EDIT, build_parser().parse_args(["edit", "video.mp4", *argv]), None)
+        assert getattr(s, name) == value and name in s.explicit, (argv, getattr(s, name))
+        default = cfg.Settings()
+        assert getattr(default, name) != value, f"{argv}: pick a value other than the default"
+    # and no flag of the help is left out of both lists: a new flag gets a README line and a row above
+    assert helped - documented - UNDOCUMENTED_EDIT_FLAGS == set()
 
 
 def test_model_defaults_replace_generic_defaults_only(tiny_sd, source_video, tmp_path):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from ei2 import RECIPES, AdapterMismatchError, Recipe, VideoUNet
@@ -249,20 +250,70 @@ def stam_on_frames(stam, z):
     return stam(hidden).reshape(f, n, d).transpose(0, 1)
 
 
+@pytest.mark.parametrize("module", ["stam", "ta"])
+def test_temporal_modules_equal_diffusers_attention_on_the_folded_tokens(module):
+    """STAM and TA attend along frames without materialising the fold; the reference folds `(b f) n c -> (b n) f c`,
+    runs the module's own diffusers Attention (its default processor) on IC(z) or LN(z), and unfolds. Outputs and
+    the gradients of the input and of every parameter must agree (b = 2, so the fold is not a view)."""
+    from ei2.models.context import VideoContext
+
+    torch.manual_seed(0)
+    ctx = VideoContext()
+    f, n, d, b = 5, 37, 16, 2
+    ctx.num_frames = f
+    cls = ShiftRestrictedTemporalAttention if module == "stam" else TemporalAttention
+    layer = cls(d, heads=4, context=ctx)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # past the zero initialisation
+    x = torch.randn(b * f, n, d, requires_grad=True)
+    grad_out = torch.randn(b * f, n, d)
+
+    def grads(out):
+        params = [x] + list(layer.parameters())
+        return out.detach(), torch.autograd.grad(out, params, grad_out)
+
+    got = grads(layer(x))
+    z = x.reshape(b, f, n, d).transpose(1, 2).reshape(b * n, f, d)
+    z_hat = layer.centering(z) if module == "stam" else layer.norm(z)
+    want = grads((z + layer.attn(z_hat)).reshape(b, n, f, d).transpose(1, 2).reshape(b * f, n, d))
+    assert (got[0] - want[0]).abs().max() <= 1e-5
+    for g, w in zip(got[1], want[1]):
+        assert (g - w).abs().max() <= 1e-5 * max(1.0, w.abs().max().item())
+
+
 # ---- tuning: trainable set and gradients ---------------------------------------------------------
+def block_paths(unet2d):
+    """Names of the 2D UNet's transformer blocks, read from diffusers' own module tree (not from ei2)."""
+    return [n for n, m in unet2d.named_modules() if isinstance(m, BasicTransformerBlock)]
+
+
+def expected_trainable(unet2d, temporal):
+    """The tuned tensors, written out from DESIGN §1.6 / Tune-A-Video: W_q of the frame attention and of the
+    cross-attention of every block, plus all of STAM, or TA's attention without its LayerNorm (Tune-A-Video's
+    `attn_temp`, not `norm_temp`). SD's attention maps have no bias; STAM's W_v and W_L are parametrised."""
+    names = set()
+    for p in block_paths(unet2d):
+        names |= {f"{p}.attn1.to_q.weight", f"{p}.attn2.to_q.weight"}
+        if temporal == "stam":
+            names |= {f"{p}.stam.attn.to_q.weight", f"{p}.stam.attn.to_k.weight",
+                      f"{p}.stam.attn.to_v.parametrizations.weight.original",
+                      f"{p}.stam.attn.to_out.0.parametrizations.weight.original", f"{p}.stam.attn.to_out.0.bias"}
+        elif temporal == "ta":
+            names |= {f"{p}.temporal_attention.attn.to_q.weight", f"{p}.temporal_attention.attn.to_k.weight",
+                      f"{p}.temporal_attention.attn.to_v.weight", f"{p}.temporal_attention.attn.to_out.0.weight",
+                      f"{p}.temporal_attention.attn.to_out.0.bias"}
+    return names
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_trainable_set_matches_recipe(unet2d, recipe):
     vu = VideoUNet.from_2d(unet2d, recipe)
     params = vu.set_trainable()
     names = {n for n, p in vu.unet.named_parameters() if p.requires_grad}
-    assert len(params) == len(names) > 0
-    temporal = "stam" if RECIPES[recipe].temporal == "stam" else "temporal_attention"
-    for name in names:
-        assert ".attn1.to_q." in name or ".attn2.to_q." in name or f".{temporal}.attn." in name or f".{temporal}." in name
-    n_blocks = sum(1 for n in names if n.endswith("attn1.to_q.weight"))
-    assert n_blocks == 10 == sum(1 for n in names if n.endswith("attn2.to_q.weight"))
-    assert not any(".norm." in n for n in names)  # TA's LayerNorm is frozen, as in Tune-A-Video
-    assert not any(".to_k." in n and ".attn1." in n for n in names)
+    assert len(block_paths(unet2d)) == 10
+    assert names == expected_trainable(unet2d, RECIPES[recipe].temporal)
+    assert len(params) == len(names) and {n for n, _ in vu.trainable_parameters()} == names
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -319,25 +370,148 @@ def test_mismatched_adapter_is_refused(unet2d, tmp_path):
 
 
 def test_ta_zero_initialised_output_and_frozen_norm(unet2d):
+    """TA's output linear starts at zero (weight and bias); its LayerNorm is frozen, as in Tune-A-Video: it gets
+    no gradient and keeps nn.LayerNorm's initial values (weight 1, bias 0) through tuning steps that move TA's
+    attention."""
     vu = VideoUNet.from_2d(unet2d, "tune-a-video")
     tas = [m for m in vu.modules() if isinstance(m, TemporalAttention)]
     assert len(tas) == 10
     for ta in tas:
         assert not ta.attn.to_out[0].weight.any() and not ta.attn.to_out[0].bias.any()
         assert ta.attn.to_q.weight.any()
+    perturb_trainable(vu)  # past step 0, so that gradients reach TA's input side and its norm would move if tuned
+    params = vu.set_trainable()
+    vu.train()
+    before = {id(ta): ta.attn.to_q.weight.detach().clone() for ta in tas}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    x, text = video(3, h=8, w=8)
+    target = torch.randn_like(x)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(vu(x, 500, text).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for ta in tas:
+        dim = ta.norm.normalized_shape[0]
+        assert not ta.norm.weight.requires_grad and not ta.norm.bias.requires_grad
+        assert ta.norm.weight.grad is None and ta.norm.bias.grad is None
+        assert torch.equal(ta.norm.weight, torch.ones(dim)) and torch.equal(ta.norm.bias, torch.zeros(dim))
+        assert not torch.equal(ta.attn.to_q.weight, before[id(ta)])  # TA's attention did move
+
+
+def naive_tav_temporal(hidden, tav, prefix, heads, num_frames):
+    """Tune-A-Video's temporal step of one block, from its own tensors by their own names:
+    h = attn_temp(norm_temp(h)) + h over the frames of each position, `(b f) n c -> (b n) f c`, head by head."""
+    x = hidden.reshape(-1, num_frames, hidden.shape[1], hidden.shape[2]).transpose(1, 2)  # b n f c
+    ln = torch.nn.functional.layer_norm(x, x.shape[-1:], tav[f"{prefix}.norm_temp.weight"],
+                                        tav[f"{prefix}.norm_temp.bias"], eps=1e-5)
+    q, k, v = (ln @ tav[f"{prefix}.attn_temp.{m}.weight"].T for m in ("to_q", "to_k", "to_v"))
+    d = q.shape[-1] // heads
+    out = []
+    for h in range(heads):
+        s = slice(h * d, (h + 1) * d)
+        out.append(torch.softmax(q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(d), dim=-1) @ v[..., s])
+    out = torch.cat(out, -1) @ tav[f"{prefix}.attn_temp.to_out.0.weight"].T + tav[f"{prefix}.attn_temp.to_out.0.bias"]
+    return (out + x).transpose(1, 2).reshape(hidden.shape)
 
 
 def test_tune_a_video_weights_load_by_their_own_names(unet2d):
-    """A state dict in Tune-A-Video's naming (attn_temp / norm_temp) loads into the `tune-a-video` recipe."""
-    source = VideoUNet.from_2d(unet2d, "tune-a-video")
-    perturb_trainable(source)
-    tav_state = {k.replace(".temporal_attention.attn.", ".attn_temp.").replace(".temporal_attention.norm.", ".norm_temp."): v
-                 for k, v in source.unet.state_dict().items()}
-    assert any(".attn_temp.to_q." in k for k in tav_state) and any(".norm_temp.weight" in k for k in tav_state)
+    """A state dict in Tune-A-Video's naming loads into the `tune-a-video` recipe. Its names are written here from
+    Tune-A-Video's model (diffusers' names for the 2D parts; `attn_temp` and `norm_temp` in every transformer
+    block), not by renaming ei2's, and every block's temporal step is checked against Tune-A-Video's formula."""
+    g = torch.Generator().manual_seed(11)
+    tav = dict(tiny_unet(seed=9).state_dict())  # Tune-A-Video's 2D tensors: another 2D UNet's values
+    dims = {}
+    for p in block_paths(unet2d):
+        dim = unet2d.get_submodule(p).norm1.normalized_shape[0]
+        dims[p] = dim
+        for m in ("to_q", "to_k", "to_v", "to_out.0"):
+            tav[f"{p}.attn_temp.{m}.weight"] = 0.3 * torch.randn(dim, dim, generator=g)
+        tav[f"{p}.attn_temp.to_out.0.bias"] = 0.1 * torch.randn(dim, generator=g)
+        tav[f"{p}.norm_temp.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+        tav[f"{p}.norm_temp.bias"] = 0.1 * torch.randn(dim, generator=g)
     target = VideoUNet.from_2d(unet2d, "tune-a-video")
-    target.load_tune_a_video(tav_state)
+    target.load_tune_a_video(tav)
+    inflated = target.unet.state_dict()
+    for name, tensor in tiny_unet(seed=9).state_dict().items():  # the 2D tensors, by diffusers' names
+        assert torch.equal(inflated[name], tensor), name
+    seen = {}
+    for p in block_paths(unet2d):
+        block = target.unet.get_submodule(p)
+        block.temporal.register_forward_hook(lambda m, args, out, p=p: seen.update({p: (args[0], out)}))
     x, text = video(3)
     with torch.no_grad():
-        assert torch.equal(target(x, 10, text).sample, source(x, 10, text).sample)
+        target(x, 10, text)
+    assert set(seen) == set(dims)
+    for p, (hidden, out) in seen.items():
+        heads = unet2d.get_submodule(p).attn1.heads
+        torch.testing.assert_close(out, naive_tav_temporal(hidden, tav, p, heads, 3), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="missing"):
-        target.load_tune_a_video({k: v for k, v in tav_state.items() if "attn_temp" not in k})
+        target.load_tune_a_video({k: v for k, v in tav.items() if "attn_temp" not in k})
+
+
+# ---- diffusers model conventions ---------------------------------------------------------------------
+def public(config):
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("recipe", ["ei2", "tune-a-video"])
+def test_save_pretrained_round_trip_gives_the_same_model_config_and_adapters(unet2d, recipe, tmp_path):
+    import json
+
+    vu = VideoUNet.from_2d(unet2d, recipe, init_seed=7)
+    vu.set_trainable()
+    perturb_trainable(vu)  # a tuned model: its tuned 2D tensors are no longer the pretrained ones
+    vu.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "pretrained_values.safetensors"]
+    # the config on disk, against values known here: the recipe, the 2D UNet's config, the seed
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["_class_name"] == "VideoUNet"
+    assert Recipe.from_dict(saved["recipe"]) == RECIPES[recipe]
+    assert {k: saved["unet_config"][k] for k in ("block_out_channels", "cross_attention_dim", "sample_size")} == {
+        "block_out_channels": [16, 16, 32, 32], "cross_attention_dim": 16, "sample_size": 16}
+    assert saved["init_seed"] == 7
+
+    loaded = VideoUNet.from_pretrained(tmp_path / "model")
+    assert isinstance(loaded, VideoUNet) and not loaded.training
+    assert public(loaded.config) == public(vu.config)
+    assert loaded.recipe == RECIPES[recipe] and loaded.base_fingerprint == vu.base_fingerprint
+    assert (loaded.dtype, loaded.device) == (torch.float32, torch.device("cpu"))
+    a, b = vu.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # every tensor, bit for bit
+    x, text = video(3)
+    with torch.no_grad():
+        want, got = vu(x, 10, text).sample, loaded(x, 10, text).sample
+    if RECIPES[recipe].temporal == "stam":
+        # STAM's σ is recomputed from the loaded weights (exact SVD) where the saved model warm-started its
+        # power iteration: the same normalised maps to ~1e-7
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+    # the pretrained 2D UNet is still known: base_state_dict gives its tensors, not the tuned ones
+    base = loaded.base_state_dict()
+    assert base.keys() == unet2d.state_dict().keys()
+    assert all(torch.equal(base[k], v) for k, v in unet2d.state_dict().items())
+    # a loaded model's adapter: it loads into a fresh inflation of the same base and rebuilds the model
+    loaded.save_adapter(tmp_path / "adapter")
+    rebuilt = VideoUNet.from_2d(unet2d, recipe, adapter=tmp_path / "adapter", init_seed=7)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, 10, text).sample, want)
+    loaded.load_adapter(tmp_path / "adapter")  # its base fingerprint is the pretrained model's, from the config
+    with pytest.raises(AdapterMismatchError, match="another base model"):
+        VideoUNet.from_2d(tiny_unet(seed=5), recipe).load_adapter(tmp_path / "adapter")
+    # diffusers' .to() and dtype
+    assert loaded.to(torch.float64).dtype == torch.float64
+    # from the config alone: the same architecture and tensor names (random 2D weights, as diffusers builds)
+    fresh = VideoUNet.from_config(loaded.config)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in a.items()}
+    assert fresh.recipe == RECIPES[recipe]
+
+
+def test_an_untuned_save_has_no_pretrained_values_file_and_pickle_is_refused(unet2d, tmp_path):
+    vu = VideoUNet.from_2d(unet2d, "ei2")
+    vu.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    with pytest.raises(ValueError, match="safetensors only"):
+        vu.save_pretrained(tmp_path / "p", safe_serialization=False)

@@ -301,7 +301,7 @@ class EI2Pipeline(DiffusionPipeline):
     @property
     def default_size(self) -> int:
         """Frame side the model was trained at: vae scale factor x UNet sample size (512 for SD 1.x)."""
-        return self.vae_scale_factor * int(self.unet.config.sample_size)
+        return self.vae_scale_factor * int(self.unet.unet.config.sample_size)  # the 2D UNet's config
 
     def autocast(self):
         """The context the UNet runs in: autocast to `mixed_precision` (fp16/bf16), a null context in fp32."""
@@ -495,11 +495,13 @@ class EI2Pipeline(DiffusionPipeline):
         checkpoint_every: int = 0,
         resume: bool = False,
         callback: Callable[[int, float], None] | None = None,
+        gradient_accumulation: int = 1,
     ) -> TuningResult:
         """One-shot tuning of the UNet's recipe tensors on the source video and prompt (DESIGN §1.6).
 
         With a windowing shorter than the video, each step tunes on one clip of `window` consecutive frames
-        drawn from the seeded generator (DESIGN §1.10)."""
+        drawn from the seeded generator (DESIGN §1.10). `gradient_accumulation`: micro-batches (clips, noise
+        and timesteps) per optimiser step; under `ei2.tuning.across_processes()` they are shared out."""
         self._check_prompt(source_prompt, "source_prompt")
         if latents is None:
             if frames is None:
@@ -510,6 +512,7 @@ class EI2Pipeline(DiffusionPipeline):
             steps=steps, learning_rate=learning_rate, seed=seed, gradient_checkpointing=gradient_checkpointing,
             checkpoint_every=checkpoint_every, mixed_precision=_MIXED[self.mixed_precision],
             window=self.windowing.window if self.windowed(latents.shape[2]) else None,
+            gradient_accumulation=gradient_accumulation,
         )
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
         result = tune(self.unet, noise_scheduler, latents.to(self.unet.device), text.to(self.unet.device), config,
@@ -636,7 +639,7 @@ class EI2Pipeline(DiffusionPipeline):
             side = self.default_size
             height, width = height or side, width or side
             self.check_size(height, width)
-            shape = (1, self.unet.config.in_channels, num_frames or defaults.FRAMES, height // self.vae_scale_factor,
+            shape = (1, self.unet.unet.config.in_channels, num_frames or defaults.FRAMES, height // self.vae_scale_factor,
                      width // self.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         if latents.ndim != 5:

@@ -134,6 +134,17 @@ class _Progress:
             self.stages[stage] = (step, total)
             self.last = (stage, step, total)
 
+    def gradio_args(self) -> tuple:
+        """The last event as `gr.Progress` arguments: ((step, total), desc) for a stage that counts steps, else a
+        fraction with the stage's name ("loading the model", "writing videos")."""
+        with self.lock:
+            stage, step, total = self.last
+        if stage in ("waiting", "load", "write"):
+            label = {"waiting": "waiting for the previous job", "load": "loading the model",
+                     "write": "writing videos"}[stage]
+            return (1.0 if total and step >= total else 0.0), label
+        return (step, total), stage
+
     def say(self, message: str) -> None:
         if self.root is not None:
             message = message.replace(str(self.root) + os.sep, "")
@@ -343,14 +354,22 @@ class App:
                         z.write(path, Path("adapter") / path.relative_to(adapter))
         return served
 
-    def run(self, *form):
+    def run(self, choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
+            negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words, blend_threshold,
+            inject_features, inject_attention, inject_block, strength, guidance_rescale, reuse,
+            page_progress=gr.Progress()):
         """The queued job: a generator that yields (status, grid, edits, downloads) as the edit advances.
 
+        The form's values in the order of `blocks()`'s `form` (as `settings` takes them, then "reuse tuning").
+        `page_progress`: gradio's progress bar of this event (gradio fills it in); the job's stage and step are
+        shown on it, the detailed per-stage bars in the status box.
         Closing the page closes this generator (gradio), which cancels the job at its next step."""
         nothing = (None, None, None)
-        reuse = bool(form[-1])
         try:
-            s = self.settings(*form[:-1])
+            s = self.settings(choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
+                              frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
+                              blend_threshold, inject_features, inject_attention, inject_block, strength,
+                              guidance_rescale)
         except (EI2Error, ValueError) as e:
             yield (self._error(e), *nothing)
             return
@@ -394,9 +413,13 @@ class App:
 
         thread = threading.Thread(target=job, name="ei2-job", daemon=True)
         thread.start()
+        shown = None
         try:
             while thread.is_alive():
                 thread.join(0.5)
+                if progress.last != shown:  # gradio's own bar: the stage that runs now, step of total
+                    shown = progress.last
+                    page_progress(*progress.gradio_args())
                 yield (progress.html(header), *nothing)
         finally:  # GeneratorExit: the page was closed (or the queue dropped the job)
             if thread.is_alive():
@@ -603,8 +626,10 @@ class App:
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
                     inject_attention, inject_block, strength, guidance_rescale, reuse]
+            # gradio's progress bar (`run`'s gr.Progress) over the grid, which is empty while a job runs; the
+            # status box keeps the per-stage bars
             run.click(self.run, form, [status, grid, edits, downloads], concurrency_limit=1,
-                      concurrency_id="ei2-jobs", api_name="edit")
+                      concurrency_id="ei2-jobs", api_name="edit", show_progress_on=[grid])
         demo.queue(default_concurrency_limit=1, max_size=32)
         return demo
 

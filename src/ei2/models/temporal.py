@@ -1,6 +1,10 @@
 """Temporal modules: attention along frames at each spatial position (DESIGN §1.4, §1.5).
 
-Both fold space into the batch locally: `(b f) (h w) c -> (b h w) f c`, and back.
+Both attend along frames at every spatial position, `(b f) (h w) c` seen as `(b h w) f c`. The fold is not
+materialised: IC and LayerNorm act per position or per token, and W_q, W_k, W_v, W_L per token, so they run on
+the `(b f) n c` tokens as they are; only the attention itself sees the frames of a position as one sequence
+(`temporal_attention`: one SDPA call over strided views). This is the same function as folding, running the
+diffusers Attention on `(b n) f c` and unfolding, without the two transposing copies around every module.
 
 - `ShiftRestrictedTemporalAttention` (STAM, seed eq. 19): STAM(z) = z + L̄(Ā(IC(z), IC(z))), with
   instance centering IC instead of LayerNorm, and value map W_v and output map W_L normalised to
@@ -13,8 +17,8 @@ Both fold space into the batch locally: `(b f) (h w) c -> (b h w) f c`, and back
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from einops import rearrange
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -24,7 +28,7 @@ from .context import VideoContext
 class InstanceCentering(nn.Module):
     """IC: subtract, per channel, the mean over the frames of each position. No scale, no affine.
 
-    On `(b h w) f c`: µ(IC(z)) = 0 and Σ(IC(z)) = Σ(z) (seed A.5).
+    Frames on dim 1, `(b h w) f c` or `b f n c`: µ(IC(z)) = 0 and Σ(IC(z)) = Σ(z) (seed A.5).
     """
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -73,14 +77,23 @@ class SpectralNormalization(nn.Module):
         # the matrix products would be rounded (and on the CPU a bf16 product cannot meet the fp32 u in
         # torch.dot); the normalised weight is returned in the weight's dtype, autocast casts it where the
         # linear layer runs
+        if weight.is_meta:  # built without storage (diffusers' from_pretrained): nothing to normalise yet
+            return weight
         with torch.autocast(weight.device.type, enabled=False):
-            key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
-            if key != self._key:
-                self._u, self._v = self._singular_vectors(weight)
-                self._key = key
+            u, v = self._cached_vectors(weight)
             w = weight.float()
-            sigma = torch.dot(self._u.to(w), w @ self._v.to(w))
+            sigma = torch.dot(u.to(w), w @ v.to(w))
             return (w / sigma).to(weight.dtype)
+
+    @torch.compiler.disable
+    def _cached_vectors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # outside torch.compile's graphs: the key (version counter, storage) changes at every optimiser step and
+        # would make a compiled graph guarded on it recompile every step
+        key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
+        if key != self._key:
+            self._u, self._v = self._singular_vectors(weight)
+            self._key = key
+        return self._u, self._v
 
 
 def spectral_norm_of(linear: nn.Linear) -> float:
@@ -88,12 +101,26 @@ def spectral_norm_of(linear: nn.Linear) -> float:
     return torch.linalg.matrix_norm(linear.weight.detach().float(), ord=2).item()
 
 
-def _fold(z: torch.Tensor, num_frames: int) -> torch.Tensor:
-    return rearrange(z, "(b f) n c -> (b n) f c", f=num_frames)
+def temporal_attention(attn: Attention, z: torch.Tensor) -> torch.Tensor:
+    """W_out·softmax(QKᵀ/√d)·V along frames, at every position, of the tokens z (b, f, n, c) -> (b, f, n, c).
+
+    The same as diffusers' AttnProcessor2_0 on the folded `(b n) f c` (no mask, no norms, no residual), with the
+    projections on the unfolded tokens and the fold done by strides only.
+    """
+    b, f, n, _ = z.shape
+    heads = attn.heads
+
+    def split(t):  # b f n (h d) -> (b n) h f d, a view when b == 1
+        return t.unflatten(-1, (heads, -1)).permute(0, 2, 3, 1, 4).flatten(0, 1)
+
+    q, k, v = split(attn.to_q(z)), split(attn.to_k(z)), split(attn.to_v(z))
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (b n) h f d
+    out = out.unflatten(0, (b, n)).permute(0, 3, 1, 2, 4).flatten(-2)  # b f n (h d)
+    return attn.to_out[1](attn.to_out[0](out))
 
 
-def _unfold(z: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    return rearrange(z, "(b n) f c -> (b f) n c", n=num_tokens)
+def _frames(hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    return hidden_states.unflatten(0, (-1, num_frames))  # (b f) n c -> b f n c, a view
 
 
 class ShiftRestrictedTemporalAttention(nn.Module):
@@ -110,9 +137,8 @@ class ShiftRestrictedTemporalAttention(nn.Module):
         parametrize.register_parametrization(self.attn.to_out[0], "weight", SpectralNormalization())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c
-        z = _fold(hidden_states, self.context.num_frames)  # (b n) f c
-        z = z + self.attn(self.centering(z))
-        return _unfold(z, hidden_states.shape[1])
+        z = _frames(hidden_states, self.context.num_frames)  # b f n c: IC over dim 1
+        return hidden_states + temporal_attention(self.attn, self.centering(z)).flatten(0, 1)
 
 
 class TemporalAttention(nn.Module):
@@ -127,6 +153,5 @@ class TemporalAttention(nn.Module):
         nn.init.zeros_(self.attn.to_out[0].bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (b f) n c
-        z = _fold(hidden_states, self.context.num_frames)  # (b n) f c
-        z = z + self.attn(self.norm(z))
-        return _unfold(z, hidden_states.shape[1])
+        z = _frames(self.norm(hidden_states), self.context.num_frames)  # LayerNorm per token: no fold needed
+        return hidden_states + temporal_attention(self.attn, z).flatten(0, 1)

@@ -16,12 +16,14 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
@@ -39,6 +41,7 @@ from .temporal import ShiftRestrictedTemporalAttention, TemporalAttention
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_FOLDER = "adapter"  # the adapter's folder inside a run folder or a saved pipeline
+PRETRAINED_VALUES = "pretrained_values.safetensors"  # beside a saved VideoUNet: pretrained values of its tuned 2D tensors
 
 
 class AdapterMismatchError(ValueError):
@@ -173,14 +176,50 @@ class BaseFingerprint:
         return cls(data["structure"], tuple(data["values"]))
 
 
-class VideoUNet(nn.Module):
+class VideoUNet(ModelMixin, ConfigMixin):
     """A text-to-video UNet made from a text-to-image UNet and a `Recipe`.
 
     Call with `sample` (b, c, f, h, w), `timestep` (scalar or (b,)), `encoder_hidden_states` (b, L, D).
+
+    A diffusers model (`ModelMixin`, `ConfigMixin`): `save_pretrained`/`from_pretrained` (safetensors), `.to()`,
+    `.dtype`, `.device` are diffusers'. Its config holds what rebuilds it without the code that made it:
+    `unet_config` (the 2D UNet's own config), `recipe` (`Recipe.to_dict()`), `base_fingerprint` (the pretrained
+    2D weights it was inflated from, which adapters are checked against) and `init_seed`. The 2D UNet's config
+    is `config.unet_config` (e.g. `config.unet_config["sample_size"]`), or `unet.config` of the 2D UNet itself.
+
+        video_unet = VideoUNet.from_2d(unet2d, recipe="ei2")   # inflate a pretrained 2D UNet
+        video_unet.save_pretrained("folder")                    # config.json + diffusion_pytorch_model.safetensors
+        VideoUNet.from_pretrained("folder")                     # the same model, tuned tensors included
+
+    `save_adapter`/`load_adapter` write and read the tuned tensors only (an adapter, not a model).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, recipe: Recipe, fingerprint: BaseFingerprint, init_seed: int = 0):
+    ignore_for_config = ["unet"]  # an existing 2D UNet to inflate (`from_2d`); its config goes to `unet_config`
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, unet_config: dict | None = None, recipe: "str | dict | Recipe" = "ei2",
+                 base_fingerprint: dict | None = None, init_seed: int = 0, unet: UNet2DConditionModel | None = None):
+        """Build the 2D UNet from `unet_config` (random weights, as any diffusers model built from a config; use
+        `from_2d` or `from_pretrained` for pretrained ones) or take `unet` itself, and inflate it with `recipe`.
+
+        `base_fingerprint`: `BaseFingerprint.to_dict()` of the pretrained 2D weights (default: of the 2D UNet here).
+        New temporal modules are initialised from `init_seed`, not from the global RNG.
+        """
         super().__init__()
+        if (unet is None) == (unet_config is None):
+            raise ValueError("VideoUNet needs the 2D UNet's config (unet_config) or the 2D UNet itself (unet), one of them; "
+                             "to inflate a pretrained 2D UNet use VideoUNet.from_2d(unet2d, recipe)")
+        if unet is None:
+            unet = UNet2DConditionModel.from_config(unet_config)
+        recipe = Recipe.from_dict(recipe) if isinstance(recipe, Mapping) else get_recipe(recipe)
+        fingerprint = (BaseFingerprint.from_dict(base_fingerprint) if base_fingerprint is not None
+                       else BaseFingerprint.of(unet))
+        # the config as JSON reads it back (lists, no private keys), so a reloaded model's config is equal
+        self.register_to_config(
+            unet_config=json.loads(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")})),
+            recipe=recipe.to_dict(), base_fingerprint=fingerprint.to_dict(),
+        )
         self.unet = unet
         self.recipe = recipe
         self.base_fingerprint = fingerprint
@@ -207,7 +246,7 @@ class VideoUNet(nn.Module):
         recipe = get_recipe(recipe)
         fingerprint = BaseFingerprint.of(unet2d)
         unet = copy.deepcopy(unet2d) if copy_weights else unet2d
-        model = cls(unet, recipe, fingerprint, init_seed=init_seed)
+        model = cls(recipe=recipe, base_fingerprint=fingerprint.to_dict(), init_seed=init_seed, unet=unet)
         if adapter is not None:
             model.load_adapter(adapter)
         return model
@@ -238,24 +277,35 @@ class VideoUNet(nn.Module):
             if unet.conv_norm_out is not None:
                 unet.conv_norm_out = VideoGroupNorm(unet.conv_norm_out, context)
 
-    # ---- diffusers-like properties -------------------------------------------------------------
-    @property
-    def config(self):
-        return self.unet.config
+    # ---- diffusers save/load: the model as it is, plus the pretrained values of tuned 2D tensors -----------
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        safe_serialization: bool = True, **kwargs):
+        """diffusers' `save_pretrained` (config.json + diffusion_pytorch_model.safetensors), safetensors only.
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        A tuned model also writes the pretrained values of its tuned 2D tensors (`pretrained_values.safetensors`,
+        a few query maps), so that after `from_pretrained` `base_state_dict` still gives the pretrained 2D UNet.
+        """
+        if not safe_serialization:
+            raise ValueError("VideoUNet writes safetensors only (no pickle); drop safe_serialization=False")
+        super().save_pretrained(save_directory, is_main_process=is_main_process, safe_serialization=True, **kwargs)
+        if not is_main_process:
+            return
+        path = Path(save_directory) / PRETRAINED_VALUES
+        base = getattr(self, "_base_values", None)
+        if base:
+            save_file({k: v.contiguous() for k, v in base.items()}, str(path), metadata={"format": "pt"})
+        elif path.exists():
+            path.unlink()  # a stale file of an earlier save into the same folder
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    def enable_gradient_checkpointing(self):
-        self.unet.enable_gradient_checkpointing()
-
-    def disable_gradient_checkpointing(self):
-        self.unet.disable_gradient_checkpointing()
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """diffusers' `from_pretrained`; a local folder's `pretrained_values.safetensors` is read back too."""
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if (folder / PRETRAINED_VALUES).is_file():
+            model._base_values = load_file(str(folder / PRETRAINED_VALUES))
+        return loaded
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
