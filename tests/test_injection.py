@@ -315,6 +315,12 @@ def test_shapes_default_injection_applies_to_plain_edits_not_to_p2p(tmp_path):
     both = settings(p2p="replace", inject_features=0.3)
     cfg.apply_model_defaults(both, default_model_path(), cfg.EDIT)
     assert (both.inject_features, both.inject_attention) == (0.3, 0.0)
+    # the same for the model's edit strength (measured: 0.6 on top of P2P + local blend collapsed a frame)
+    assert plain.strength == shipped["strength"] < 1.0
+    assert p2p.strength == cfg.Settings().strength == 1.0
+    given = settings(p2p="replace", strength=0.8)
+    cfg.apply_model_defaults(given, default_model_path(), cfg.EDIT)
+    assert given.strength == 0.8
 
 
 def test_oracle_reports_texture_frames_as_no_object():

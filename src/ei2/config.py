@@ -295,6 +295,9 @@ MODEL_DEFAULT_KEYS = ("frames", "window", "anchor_frames", "stride", "width", "h
                       "inject_features", "inject_attention", "inject_block",
                       "negative_prompt", "fps")
 
+# model defaults that a `--p2p` edit does not take (see `apply_model_defaults`)
+PLAIN_EDIT_ONLY = ("inject_features", "inject_attention", "inject_block", "strength")
+
 
 def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None, command: str) -> dict:
     """Size-dependent defaults that follow the model (DESIGN §1.6): `<model>/ei2_defaults.json`.
@@ -302,9 +305,10 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     A model folder may hold e.g. `{"steps": 100, "inference_steps": 25}`; those values replace the
     generic defaults of options the user did not set. Returns the values applied.
 
-    The model's injection fractions (`inject_*`) apply to plain edits only: with `--p2p` the source branch's
-    attention maps and local blending already hold the layout, and injecting on top of them collapsed a frame
-    of the Shapes P2P colour swap (`benchmarks/injection/RESULTS.md`); `--inject-*` given with `--p2p` apply.
+    The model's injection fractions (`inject_*`) and edit strength apply to plain edits only
+    (`PLAIN_EDIT_ONLY`): with `--p2p` the source branch's attention maps and local blending already hold the
+    layout; injecting on top of them collapsed a frame of the Shapes P2P colour swap, and so did the Shapes
+    model's strength 0.6 (`benchmarks/injection/RESULTS.md`); `--inject-*`/`--strength` given with `--p2p` apply.
     """
     import json
 
@@ -327,7 +331,7 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
             raise ConfigError(f"{path}: {key!r} cannot be a model default; allowed: {', '.join(MODEL_DEFAULT_KEYS)}")
         if name not in known or name in getattr(settings, "explicit", ()):
             continue
-        if name.startswith("inject_") and getattr(settings, "p2p", None):
+        if name in PLAIN_EDIT_ONLY and getattr(settings, "p2p", None):
             continue
         value = _check_type(key, value, _base_type(known[name]), str(path))
         setattr(settings, name, value)
@@ -341,7 +345,8 @@ def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | N
 
     A front end that shows every option (the app) passes as `explicit` only the values that differ from
     these, so that an option left as shown gets the model's default exactly as a flag left out of a command
-    line does: with `--p2p` the model's injection stays off unless the user sets `--inject-*`.
+    line does: with `--p2p` the model's injection stays off and its strength is the generic one unless the user
+    sets `--inject-*`/`--strength`.
     """
     settings = Settings(p2p=p2p)
     settings.explicit = frozenset()

@@ -526,13 +526,14 @@ class App:
             return gr.update(value=UPLOAD), upload if isinstance(upload, str) else getattr(upload, "name", None)
         return gr.update(), gr.update()
 
-    def on_p2p(self, mode, features, attention, last):
-        """P2P turned on or off: injection sliders left at the model's default for the last mode show the
-        default of the new one (with P2P the model's injection is off); sliders the user moved stay."""
+    def on_p2p(self, mode, features, attention, strength, last):
+        """P2P turned on or off: injection and strength sliders left at the model's default for the last mode show
+        the default of the new one (with P2P the model's injection is off and its strength the generic one,
+        `config.PLAIN_EDIT_ONLY`); sliders the user moved stay."""
         mode = None if mode in (None, "", P2P_OFF) else mode
         before, after = cfg.defaults_for(self.model_dir, cfg.EDIT, last), cfg.defaults_for(self.model_dir, cfg.EDIT, mode)
         updates = []
-        for value, name in ((features, "inject_features"), (attention, "inject_attention")):
+        for value, name in ((features, "inject_features"), (attention, "inject_attention"), (strength, "strength")):
             untouched = value is None or value == getattr(before, name)
             updates.append(getattr(after, name) if untouched else gr.update())
         return (*updates, mode)
@@ -621,8 +622,8 @@ class App:
             mode = gr.State(None)  # the P2P mode the injection sliders show the defaults of
             source.change(self.on_source, source, [source_prompt, targets, preview, frames, upload], queue=False)
             upload.upload(self.on_upload, upload, [source, preview], queue=False)
-            p2p.change(self.on_p2p, [p2p, inject_features, inject_attention, mode],
-                       [inject_features, inject_attention, mode], queue=False)
+            p2p.change(self.on_p2p, [p2p, inject_features, inject_attention, strength, mode],
+                       [inject_features, inject_attention, strength, mode], queue=False)
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
                     inject_attention, inject_block, strength, guidance_rescale, reuse]
