@@ -174,6 +174,44 @@ def test_frame_attention_matches_naive_loops_on_odd_non_square_latents(unet2d, k
                     assert (out[bi, i] - want).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("kind,s", [("ffam", 2), ("sparse-causal", 2)])
+def test_frame_attention_with_padded_heads_matches_naive_loops(unet2d, kind, s, monkeypatch):
+    """The CPU head padding (heads of 4 and 8 here) on at every level, against the same naive loops."""
+    from ei2.models import frame_attention
+
+    monkeypatch.setattr(frame_attention, "CPU_HEAD_PAD_MIN_KEYS", 0)
+    widths = []
+    apply = frame_attention._PaddedHeadsAttention.apply
+    monkeypatch.setattr(frame_attention._PaddedHeadsAttention, "apply",
+                        lambda q, *args: widths.append(q.shape[-1]) or apply(q, *args))
+    test_frame_attention_matches_naive_loops_on_odd_non_square_latents(unet2d, kind, s)
+    assert len(widths) == 10 and set(widths) == {4, 8}  # each of the 10 frame-attention layers ran padded
+
+
+@pytest.mark.parametrize("d,keys,padded", [(4, 300, True), (8, 256, True), (8, 100, False), (16, 300, False)])
+def test_padded_sdpa_equals_sdpa_in_values_gradients_and_saved_bytes(d, keys, padded):
+    import torch.nn.functional as F
+
+    from ei2.models import frame_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g).transpose(1, 2).requires_grad_() for n in (40, keys, keys))
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b h n d) over (b n h d) memory, as the processors pass them
+    grad_out = torch.randn(2, 3, 40, d, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = frame_attention.scaled_dot_product_attention(q, k, v, 0.37)
+    assert (type(got.grad_fn).__name__ == "_PaddedHeadsAttentionBackward") == padded
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(-t.numel()) or t, lambda t: t):
+        want = F.scaled_dot_product_attention(q, k, v, scale=0.37)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    assert sum(saved) == 0  # the padded path keeps the same tensors for backward as SDPA, not padded copies
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-6
+    for a, b in zip(got_grads, want_grads):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
+
+
 # ---- STAM ----------------------------------------------------------------------------------------
 def test_instance_centering_zero_mean_and_same_covariance():
     from ei2.models import InstanceCentering

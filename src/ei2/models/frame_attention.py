@@ -3,7 +3,8 @@
 Each processor keeps the pretrained W_q, W_k, W_v, W_out of SA and only changes which tokens a
 frame's queries attend to. Every token is projected once (Q, K, V of all frames, as SA does); each
 frame's keys/values are then gathered from the projected K and V into a per-frame context
-`(b f) m c` by `frame_context`, and attention is PyTorch SDPA, as in diffusers' AttnProcessor2_0.
+`(b f) m c` by `frame_context`, and attention is PyTorch SDPA, as in diffusers' AttnProcessor2_0 (on the CPU
+with heads narrower than 16 zero-padded to 16 for long key sequences: `scaled_dot_product_attention`).
 Gathering after the projection is exact (average pooling and a linear map commute, the pooling
 weights summing to 1) and avoids projecting each coarse token f-1 times.
 
@@ -29,6 +30,64 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from einops import rearrange
 
 from .context import VideoContext
+
+
+# PyTorch's CPU flash-attention kernel runs heads narrower than one AVX-512 vector (16 fp32 lanes) on its scalar
+# tails: zero-padding such heads to 16 channels gives the same scores and outputs (the padded channels add 0 to
+# every q·k and carry 0 through softmax·V), and is 26% (4-channel heads) to 34% (8-channel heads) faster at 704 keys,
+# 9-17% at 176-432 keys (benchmarks/video_unet/RESULTS.md, issue 18). Under ~128 keys (temporal attention over
+# frames, cross-attention over text, the small levels) it costs more than it saves, and heads of 16 channels or more
+# gain nothing. SD's own heads are 40-160 wide: this acts on small models (the Shapes model, the test and benchmark
+# UNets). 0 turns it off.
+CPU_HEAD_PAD = 16
+CPU_HEAD_PAD_MIN_KEYS = 256
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _PaddedHeadsAttention(torch.autograd.Function):
+    """PyTorch's CPU flash attention on heads zero-padded to CPU_HEAD_PAD channels, saving the unpadded q, k, v and
+    output for backward (their padded channels are exact zeros; backward pads them again): the same saved bytes as
+    F.scaled_dot_product_attention, where saving the padded tensors would keep up to 16/d times as many."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        width = q.shape[-1]
+        out, lse = _FLASH_CPU(*(_pad_heads(t) for t in (q, k, v)), scale=scale)
+        # (b h n d) over memory (b n h d), as SDPA returns it: merging the heads afterwards stays a view
+        out = out.transpose(1, 2)[..., :width].contiguous().transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        width = q.shape[-1]
+        grads = _FLASH_CPU_BACKWARD(*(_pad_heads(t) for t in (grad_out, q, k, v, out)), lse, 0.0, False,
+                                    scale=ctx.scale)
+        return (*(g[..., :width] for g in grads), None)
+
+
+def _pad_heads(t: torch.Tensor) -> torch.Tensor:
+    return F.pad(t, (0, CPU_HEAD_PAD - t.shape[-1]))
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, scale=scale); on the CPU, fp32 heads narrower than CPU_HEAD_PAD with at
+    least CPU_HEAD_PAD_MIN_KEYS keys are zero-padded (see above; not under autocast, whose casts SDPA does itself).
+
+    Exact up to the order of floating-point sums: the padded channels are zeros in q, k and v, and are cut from the
+    output and the gradients.
+    """
+    width = q.shape[-1]
+    if (
+        q.device.type == "cpu" and width < CPU_HEAD_PAD and k.shape[-2] >= CPU_HEAD_PAD_MIN_KEYS
+        and q.dtype == k.dtype == v.dtype == torch.float32 and v.shape[-1] == width and q.ndim == 4
+        and not torch.is_autocast_enabled("cpu") and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
+    ):
+        return _PaddedHeadsAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def frame_qkv(attn, hidden_states: torch.Tensor, frame_context=None):
@@ -81,7 +140,7 @@ class FrameAttentionProcessor:
                 f"spatial_norm={attn.spatial_norm is not None}"
             )
         q, k, v = frame_qkv(attn, hidden_states, self.frame_context)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).to(q.dtype)
+        out = scaled_dot_product_attention(q, k, v, attn.scale).to(q.dtype)
         return attention_output(attn, out, hidden_states)
 
 
