@@ -1,7 +1,8 @@
 """Train step of ei2 against Tune-A-Video's original code, side by side in one run (issue 18, item 4).
 
-    python benchmarks/video_unet/bench_vs_tav.py --frames 8 24 --repeats 17 --threads 2 \
-        --tav-python /work/tav-venv/bin/python --tav-src /work/tav-src
+    python benchmarks/video_unet/bench_vs_tav.py --frames 8 24 --size 16 --repeats 15 --threads 2 --before --bf16
+
+Needs Tune-A-Video's code and its own venv (--tav-src, --tav-python; how to make them: RESULTS.md, "Setup").
 
 Rows, on the same 2D UNet (bench_train_step.tiny_sd_unet: the same config and the same weights), the same
 latents (1, 4, f, size, size), text (1, 8, 32), fp32, no gradient checkpointing:
