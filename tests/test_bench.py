@@ -115,6 +115,68 @@ def test_spec_jobs_quick_subset_and_edit_kinds(tmp_path, source_video):
     assert quick.settings["steps"] == 0 and spec.settings["steps"] == 1
 
 
+def test_spec_settings_left_out_are_the_edit_defaults_of_the_model(tmp_path, source_video):
+    """One home for each default: a setting the spec leaves out is what `ei2 edit` uses for that model (the
+    generic default, or the model's ei2_defaults.json); `defaults: edit` runs a column exactly as `ei2 edit`."""
+    from ei2 import defaults
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "ei2_defaults.json").write_text(json.dumps({"steps": 7, "strength": 0.5, "inject_features": 0.25}))
+    recipes = ["ei2", {"name": "as-edit", "recipe": "tune-a-video", "defaults": "edit"},
+               {"name": "as-edit-plain", "recipe": "ei2", "defaults": "edit", "inject_features": 0.0}]
+    path = _spec(tmp_path, model, source_video, recipes, [0])
+    data = yaml.safe_load(path.read_text())
+    data["settings"] = {"frames": 3, "steps": 1}
+    path.write_text(yaml.safe_dump(data))
+    jobs = {j.recipe.name: j.settings for j in load_spec(path).jobs()}
+    spec_column, as_edit, plain = jobs["ei2"], jobs["as-edit"], jobs["as-edit-plain"]
+    # the spec's own settings win; the rest come from the model's file, then ei2.defaults
+    assert (spec_column["steps"], spec_column["frames"]) == (1, 3)
+    assert (spec_column["strength"], spec_column["inject_features"]) == (0.5, 0.25)
+    assert spec_column["lr"] == defaults.LEARNING_RATE and spec_column["guidance_scale"] == defaults.GUIDANCE_SCALE
+    assert spec_column["inference_steps"] == defaults.INFERENCE_STEPS
+    assert spec_column["inject_attention"] == defaults.INJECT_ATTENTION
+    # `defaults: edit`: the model's steps, not the spec's, on the spec's frames; its own overrides still apply
+    assert (as_edit["steps"], as_edit["frames"], as_edit["strength"], as_edit["inject_features"]) == (7, 3, 0.5, 0.25)
+    assert (plain["steps"], plain["inject_features"]) == (7, 0.0)
+    # the job's config holds the resolved values: another ei2_defaults.json is another benchmark
+    digest = load_spec(path).digest()
+    (model / "ei2_defaults.json").write_text(json.dumps({"steps": 8}))
+    assert load_spec(path).digest() != digest
+    assert {j.recipe.name: j.settings["steps"] for j in load_spec(path).jobs()}["as-edit"] == 8
+    data["recipes"] = [{"name": "x", "recipe": "ei2", "defaults": "cli"}]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="'defaults' can only be 'edit'"):
+        load_spec(path)
+
+
+def test_bench_job_settings_are_the_cli_settings(tmp_path, source_video):
+    """The settings object a bench job edits with is the one `ei2 edit` resolves from the same command line."""
+    from ei2 import config as cfg
+    from ei2.bench.run import job_settings
+    from ei2.cli import build_parser
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "ei2_defaults.json").write_text(json.dumps({"steps": 7, "strength": 0.5, "guidance_scale": 4.0}))
+    path = _spec(tmp_path, model, source_video, ["ei2"], [3])
+    data = yaml.safe_load(path.read_text())
+    data["settings"] = {"frames": 3, "inference_steps": 2}
+    path.write_text(yaml.safe_dump(data))
+    [job] = load_spec(path).jobs()
+    prompts = [e.prompt for e in job.video.edits]
+    bench = job_settings(job, prompts)
+    argv = ["edit", str(source_video), "--model", str(model), "--source-prompt", SOURCE, "--frames", "3",
+            "--inference-steps", "2", "--seed", "3", "--quiet"] + [a for p in prompts for a in ("--target-prompt", p)]
+    args = build_parser().parse_args(argv)
+    cli = cfg.resolve("edit", args, None)
+    cfg.apply_model_defaults(cli, model, "edit")
+    for field in cfg.fields_for("edit"):
+        if field.name not in ("video", "model"):
+            assert getattr(bench, field.name) == getattr(cli, field.name), field.name
+
+
 @pytest.mark.parametrize("change, message", [
     ({"recipe": ["ei2"]}, "unknown key 'recipe' \\(did you mean 'recipes'\\?\\)"),
     ({"recipes": ["ei3"]}, "unknown recipe 'ei3'"),

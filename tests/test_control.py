@@ -126,6 +126,36 @@ def test_self_replacement_applies_the_source_frame_attention_map_to_target_value
     assert not torch.allclose(out[:f], target, atol=1e-3)  # the source row keeps its own values
 
 
+@pytest.mark.parametrize("recipe", ["ei2", "tune-a-video"])
+def test_controlled_frame_attention_runs_the_frame_attention_kernel(tiny, recipe, monkeypatch):
+    """Where no editor acts, the controlled frame attention is the recipe's processor bit for bit, also where
+    that processor takes the CPU's zero-padded-heads kernel (forced here for the tiny model's short keys)."""
+    from ei2.models import frame_attention
+
+    monkeypatch.setattr(frame_attention, "CPU_HEAD_PAD_MIN_KEYS", 1)
+    vu = video_unet(tiny, recipe)
+    block, place = transformer_block_places(vu)[0]
+    attn, f = block.attn1, 3
+    vu.context.set(f, 7, 5)
+
+    class ReplaceNothing(AttentionStore):
+        def replaces_self(self, place):
+            return False
+
+    processor = ControlledFrameAttention(attn.processor, ReplaceNothing(2), place, vu.context)
+    hidden = torch.randn(2 * f, 35, attn.to_q.in_features)
+    with torch.no_grad():
+        plain = attn.processor(attn, hidden)
+        again = attn.processor(attn, hidden)  # the kernel is deterministic, so equality below means something
+        monkeypatch.setattr(frame_attention, "CPU_HEAD_PAD_MIN_KEYS", 10**9)
+        unpadded = attn.processor(attn, hidden)
+        monkeypatch.setattr(frame_attention, "CPU_HEAD_PAD_MIN_KEYS", 1)
+        controlled = processor(attn, hidden)
+    assert torch.equal(plain, again)
+    assert torch.equal(controlled, plain)
+    torch.testing.assert_close(unpadded, plain, atol=1e-5, rtol=1e-5)  # the two kernels agree to rounding
+
+
 # ---------------------------------------------------------------------------------------------- edits
 @pytest.mark.parametrize("recipe", ["ei2", "tune-a-video"])
 def test_full_replacement_with_the_same_prompt_keeps_target_equal_to_source(tiny, recipe):

@@ -88,9 +88,8 @@ def _bench(tiny_sd, video, out: Path) -> Path:
     from ei2.bench.run import run_bench
     from ei2.bench.spec import load_spec
 
-    # the settings of the CLI's and the app's job: `ei2 edit`'s defaults where the bench's own differ
-    settings = {"frames": FRAMES, "steps": STEPS, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE,
-                "lr": cfg.Settings().lr, "gradient_checkpointing": cfg.Settings().gradient_checkpointing}
+    # the settings the CLI's and the app's job are given; what the spec leaves out is `ei2 edit`'s default there too
+    settings = {"frames": FRAMES, "steps": STEPS, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE}
     spec = {"name": "one-job", "model": str(tiny_sd), "metrics": ["flow"], "settings": settings,
             "recipes": ["ei2"], "seeds": [SEED],
             "videos": [{"name": "square", "path": str(video), "source_prompt": SOURCE, "edits": [TARGET]}]}

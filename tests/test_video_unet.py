@@ -243,6 +243,26 @@ def test_spectral_norms_stay_at_most_one_after_adamw_steps(unet2d):
     assert spectral_norm_of_raw(stams[0]) != raw_norm_before  # the raw weights did move
 
 
+def test_a_tuned_model_and_its_reloaded_adapter_predict_the_same_bits(unet2d, tmp_path):
+    """After tuning, inference uses the σ of W alone (not the training's warm-started power iteration), so an
+    edit right after tuning and one from the saved adapter are the same to the last bit."""
+    vu = VideoUNet.from_2d(copy.deepcopy(unet2d), "ei2")
+    opt = torch.optim.AdamW(vu.set_trainable(), lr=1e-2)
+    x, text = video(3, h=8, w=8)
+    target = torch.randn_like(x)
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(vu(x, 500, text).sample, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vu.save_adapter(tmp_path / "adapter")
+    reloaded = VideoUNet.from_2d(copy.deepcopy(unet2d), "ei2")
+    reloaded.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        tuned_out, reloaded_out = vu(x, 500, text).sample, reloaded(x, 500, text).sample
+    assert torch.equal(tuned_out, reloaded_out), (tuned_out - reloaded_out).abs().max()
+
+
 def spectral_norm_of_raw(stam):
     raw = stam.attn.to_v.parametrizations.weight.original
     return torch.linalg.matrix_norm(raw.detach(), 2).item()

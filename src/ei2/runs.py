@@ -219,15 +219,23 @@ class _Reporter:
 
 
 # ---------------------------------------------------------------------------------------------- stages
+def model_folder(model: str | None) -> Path | None:
+    """The local folder of `model` (None: the embedded Shapes model) whose `ei2_defaults.json` applies; None for
+    a hub id."""
+    from .pipeline import default_model_path
+
+    folder = default_model_path() if model is None else Path(model)
+    return folder if folder.is_dir() else None
+
+
 def _prepare(s: cfg.Settings, command: str, timings: dict):
     """Load the model, then read the video at the model's size; nothing is written yet."""
     import torch
 
-    from .pipeline import EI2Pipeline, default_model_path
+    from .pipeline import EI2Pipeline
     from .video import read_video
 
-    model_dir = default_model_path() if s.model is None else Path(s.model)
-    s.model_defaults = cfg.apply_model_defaults(s, model_dir if model_dir.is_dir() else None, command)
+    s.model_defaults = cfg.apply_model_defaults(s, model_folder(s.model), command)
     if s.model_defaults:
         validate(s, command)
     torch.manual_seed(s.seed)

@@ -115,6 +115,7 @@ ABLATIONS = (  # (question, recipe a, recipe b): each row of the ablation table 
     ("injection on vs off, EI²", "ei2+inject", "ei2"),
     ("injection on vs off, Tune-A-Video", "tune-a-video+inject", "tune-a-video"),
     ("injection on vs off, EI² at the Shapes defaults", "ei2-shapes-defaults+inject", "ei2-shapes-defaults"),
+    ("EI² vs Tune-A-Video, as `ei2 edit` runs them", "ei2-edit-defaults", "tune-a-video-edit-defaults"),
 )
 
 
@@ -195,7 +196,8 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
         "",
         recipe_table(rows, recipes, keys),
     ]
-    overrides = [f"`{r.name}` = `{r.recipe}` with {r.overrides}" for r in spec.recipes if r.overrides]
+    overrides = [f"`{r.name}` = `{r.recipe}`" + (" with `ei2 edit`'s settings for the model" if r.edit_defaults else "")
+                 + (f" with {r.overrides}" if r.overrides else "") for r in spec.recipes if r.overrides or r.edit_defaults]
     if overrides:
         out += ["", "Variants: " + "; ".join(overrides) + "."]
     if "edit_acc" in keys:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..files import replace_folder, write_json
-from .spec import BenchSpec, Job
+from .spec import BENCH_ONLY, BenchSpec, Job
 
 JOB_FILE = "job.json"
 
@@ -61,13 +61,11 @@ class Log:
 
 
 def job_settings(job: Job, prompts: list[str]):
-    """The `ei2 edit` settings of a benchmark job (its spec settings; the bench applies no model defaults)."""
+    """The `ei2 edit` settings of a benchmark job: every value resolved by the spec (a setting the spec leaves out
+    is `ei2 edit`'s default for the model, `spec.edit_defaults`), all given, so no model default applies twice."""
     from .. import config as cfg
 
-    s = job.settings
-    names = ("steps", "lr", "inference_steps", "guidance_scale", "inject_features", "inject_attention", "inject_block",
-             "strength", "guidance_rescale", "guidance_rescale_std", "noise_regularization", "frames", "seed")
-    values = {k: s[k] for k in names if k in s}
+    values = {k: v for k, v in job.settings.items() if k not in BENCH_ONLY}
     values.update(source_prompt=job.video.source_prompt, target_prompt=list(prompts), seed=job.seed, quiet=True)
     settings = cfg.Settings(**values)
     settings.explicit = frozenset(values)

@@ -5,11 +5,13 @@
     clip_model: null            # default: the Shapes CLIP (assets/shapes-clip)
     metrics: [clip, oracle, flow]
     settings: {steps: 150, lr: 1.0e-4, inference_steps: 25, guidance_scale: 7.5, frames: 8}
+                                # a setting left out is `ei2 edit`'s default for the model (ei2_defaults.json)
     recipes:                    # a recipe name, or {name, recipe, <setting>: ...} for a variant
       - ei2
       - tune-a-video
       - {name: untuned, recipe: ei2, steps: 0}
       - {name: ei2+inject, recipe: ei2, inject_features: 0.5, inject_attention: 0.5}
+      - {name: as-edit, recipe: ei2, defaults: edit}   # `ei2 edit`'s settings (on the spec's frames), not the spec's
     seeds: [0, 1, 2]
     videos:
       - name: red-circle-right
@@ -44,16 +46,30 @@ from ..config import read_yaml_mapping
 from ..errors import ConfigError
 
 METRICS = ("clip", "oracle", "flow")
-SETTINGS = {  # key: (type, default)
-    "frames": (int, 8), "stride": (int, 1), "start": (int, 0), "size": (int, None),
-    "steps": (int, 150), "lr": (float, 1e-4), "gradient_checkpointing": (bool, False),
-    "inference_steps": (int, 25), "guidance_scale": (float, 7.5), "dtype": (str, "auto"),
+# key: type. A setting the spec does not give is `ei2 edit`'s default for the spec's model (`edit_defaults`: the
+# generic defaults of `ei2.defaults` with the model's `ei2_defaults.json`), so that it has one home.
+SETTINGS = {
+    "frames": int, "stride": int, "start": int, "size": int, "steps": int, "lr": float,
+    "gradient_checkpointing": bool, "inference_steps": int, "guidance_scale": float, "dtype": str, "window": int,
     # structure-preserving injection (DESIGN §1.9): fractions of the steps, decoder block
-    "inject_features": (float, 0.0), "inject_attention": (float, 0.0), "inject_block": (int, 1),
+    "inject_features": float, "inject_attention": float, "inject_block": int,
     # edit strength, rescaled guidance, pix2pix-zero noise regularisation (issue 19; `ei2 edit`'s options)
-    "strength": (float, 1.0), "guidance_rescale": (float, 0.0), "guidance_rescale_std": (str, "video"),
-    "noise_regularization": (bool, False),
+    "strength": float, "guidance_rescale": float, "guidance_rescale_std": str, "noise_regularization": bool,
 }
+BENCH_ONLY = {"size": None}  # settings of the benchmark alone (`ei2 edit` has --width/--height)
+VIDEO_SETTINGS = ("frames", "stride", "start", "size")  # which frames are edited: the same for every column
+EDIT_DEFAULTS = "edit"  # a recipe entry with `defaults: edit` runs as `ei2 edit` does, not with the spec's settings
+
+
+def edit_defaults(model: str | None) -> dict:
+    """The value of every setting that `ei2 edit` would use for `model` (None: the embedded Shapes model)."""
+    from .. import config as cfg
+    from ..runs import model_folder
+
+    settings = cfg.defaults_for(model_folder(model), cfg.EDIT)
+    return {**BENCH_ONLY, **{k: getattr(settings, k) for k in SETTINGS if k not in BENCH_ONLY}}
+
+
 TOP_KEYS = ("name", "model", "clip_model", "metrics", "settings", "recipes", "seeds", "videos", "quick")
 VIDEO_KEYS = ("name", "source_prompt", "path", "shapes", "edits")
 SHAPES_KEYS = ("motion", "color", "shape", "background", "seed")
@@ -67,6 +83,7 @@ class RecipeEntry:
     name: str
     recipe: str
     overrides: dict = field(default_factory=dict)
+    edit_defaults: bool = False  # `defaults: edit`: `ei2 edit`'s settings for the model instead of the spec's
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ class BenchSpec:
     seeds: list[int]
     videos: list[VideoEntry]
     quick: bool = False
+    default_settings: dict = field(default_factory=dict)  # `ei2 edit`'s, on the spec's frames (`defaults: edit`)
 
     def jobs(self) -> list[Job]:
         """Every (video, recipe, seed), seed-major so that consecutive shares mix recipes and videos."""
@@ -150,7 +168,8 @@ class BenchSpec:
         for seed in self.seeds:
             for video in self.videos:
                 for recipe in self.recipes:
-                    out.append(Job(video, recipe, seed, {**self.settings, **recipe.overrides}))
+                    base = self.default_settings if recipe.edit_defaults else self.settings
+                    out.append(Job(video, recipe, seed, {**base, **recipe.overrides}))
         return out
 
     def digest(self) -> str:
@@ -175,7 +194,7 @@ def _settings(where: str, values, base: dict) -> dict:
     _unknown(where, values, SETTINGS)
     out = dict(base)
     for key, value in values.items():
-        kind = SETTINGS[key][0]
+        kind = SETTINGS[key]
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, str))
@@ -190,7 +209,7 @@ def _settings(where: str, values, base: dict) -> dict:
     return out
 
 
-def _recipes(where: str, values) -> list[RecipeEntry]:
+def _recipes(where: str, values, defaults: dict) -> list[RecipeEntry]:
     from ..models import RECIPES
 
     if not isinstance(values, list) or not values:
@@ -204,10 +223,14 @@ def _recipes(where: str, values) -> list[RecipeEntry]:
         recipe = item["recipe"]
         if recipe not in RECIPES:
             raise ConfigError(f"{where}: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        overrides = {k: v for k, v in item.items() if k not in ("name", "recipe")}
-        overrides = {k: v for k, v in _settings(f"{where}: recipe {recipe!r}", overrides, {
-            k: d for k, (_, d) in SETTINGS.items()}).items() if k in overrides}
-        out.append(RecipeEntry(str(item.get("name", recipe)), recipe, overrides))
+        use_defaults = item.get("defaults")
+        if use_defaults not in (None, EDIT_DEFAULTS):
+            raise ConfigError(f"{where}: recipe {recipe!r}: 'defaults' can only be {EDIT_DEFAULTS!r} (run as `ei2 edit` "
+                              f"does, without the spec's settings), got {use_defaults!r}")
+        overrides = {k: v for k, v in item.items() if k not in ("name", "recipe", "defaults")}
+        overrides = {k: v for k, v in _settings(f"{where}: recipe {recipe!r}", overrides, defaults).items()
+                     if k in overrides}
+        out.append(RecipeEntry(str(item.get("name", recipe)), recipe, overrides, use_defaults == EDIT_DEFAULTS))
     names = [r.name for r in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: recipe names repeat ({', '.join(names)}); give variants distinct names")
@@ -288,13 +311,14 @@ def load_spec(path: str | Path, quick: bool = False) -> BenchSpec:
     metrics = data.get("metrics", list(METRICS))
     if not isinstance(metrics, list) or any(m not in METRICS for m in metrics):
         raise ConfigError(f"{where}: 'metrics' must be a list of {', '.join(METRICS)}, got {metrics!r}")
-    settings = _settings(f"{where}: settings", data.get("settings"), {k: d for k, (_, d) in SETTINGS.items()})
-    recipes = _recipes(where, data.get("recipes"))
-    seeds = _seeds(where, data.get("seeds", [0]))
-    videos = _videos(path, data.get("videos"))
     model = data.get("model")
     if model is not None and (path.parent / str(model)).is_dir():
         model = str((path.parent / str(model)).resolve())
+    defaults = edit_defaults(model)
+    settings = _settings(f"{where}: settings", data.get("settings"), defaults)
+    recipes = _recipes(where, data.get("recipes"), defaults)
+    seeds = _seeds(where, data.get("seeds", [0]))
+    videos = _videos(path, data.get("videos"))
     clip_model = data.get("clip_model")
     if clip_model is not None and (path.parent / str(clip_model)).is_dir():
         clip_model = str((path.parent / str(clip_model)).resolve())
@@ -323,6 +347,8 @@ def load_spec(path: str | Path, quick: bool = False) -> BenchSpec:
         if "seeds" in q:
             seeds = _seeds(f"{where}: quick", q["seeds"])
         settings = _settings(f"{where}: quick settings", q.get("settings"), settings)
+        defaults = _settings(f"{where}: quick settings", q.get("settings"), defaults)
         name += "-quick"
+    default_settings = {**defaults, **{k: settings[k] for k in VIDEO_SETTINGS}}
     return BenchSpec(name, path, None if model is None else str(model), None if clip_model is None else str(clip_model),
-                     tuple(metrics), settings, recipes, seeds, videos, quick)
+                     tuple(metrics), settings, recipes, seeds, videos, quick, default_settings)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from ..models.context import VideoContext
-from ..models.frame_attention import attention_output, frame_qkv
+from ..models.frame_attention import attention_output, frame_qkv, scaled_dot_product_attention
 from ..models.video_unet import VideoTransformerBlock, _transformer_levels
 from .controllers import AttentionStore, LayerPlace
 from .injection import FeatureInjection
@@ -89,7 +88,7 @@ class ControlledFrameAttention:
             for editor in active:
                 q, k = editor.replace_self_queries_keys(q, k)
             q, k = rearrange(q, "b f h n d -> (b f) h n d"), rearrange(k, "b f h m d -> (b f) h m d")
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # as the frame-attention processors
+        out = scaled_dot_product_attention(q, k, v, scale=attn.scale)  # the frame-attention processors' kernel
         return attention_output(attn, out, hidden_states)
 
 

@@ -55,9 +55,9 @@ class SpectralNormalization(nn.Module):
         self._v = None
 
     @torch.no_grad()
-    def _singular_vectors(self, weight: torch.Tensor):
+    def _singular_vectors(self, weight: torch.Tensor, warm: bool):
         w = weight.detach().float()
-        if self._v is not None and self._v.shape[0] == w.shape[1]:
+        if warm and self._v is not None and self._v.shape[0] == w.shape[1]:
             # power iteration warm-started from the previous step's vectors, run until (u, v) is a
             # singular pair (residual ‖Wᵀu − σv‖ ≤ tol·σ, so σ is off by ~tol²); else exact SVD
             v = self._v.to(w.device)
@@ -88,10 +88,13 @@ class SpectralNormalization(nn.Module):
     @torch.compiler.disable
     def _cached_vectors(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # outside torch.compile's graphs: the key (version counter, storage) changes at every optimiser step and
-        # would make a compiled graph guarded on it recompile every step
-        key = (weight._version, weight.data_ptr(), weight.device, weight.shape)
+        # would make a compiled graph guarded on it recompile every step. Training (grad enabled) warm-starts the
+        # power iteration from the last step's vectors; inference takes them from the SVD of W alone, so that an
+        # edit right after tuning and one from the reloaded adapter use the same σ to the last bit
+        warm = torch.is_grad_enabled()
+        key = (weight._version, weight.data_ptr(), weight.device, weight.shape, warm)
         if key != self._key:
-            self._u, self._v = self._singular_vectors(weight)
+            self._u, self._v = self._singular_vectors(weight, warm)
             self._key = key
         return self._u, self._v
 
