@@ -124,13 +124,18 @@ def test_spec_settings_left_out_are_the_edit_defaults_of_the_model(tmp_path, sou
     model.mkdir()
     (model / "ei2_defaults.json").write_text(json.dumps({"steps": 7, "strength": 0.5, "inject_features": 0.25}))
     recipes = ["ei2", {"name": "as-edit", "recipe": "tune-a-video", "defaults": "edit"},
-               {"name": "as-edit-plain", "recipe": "ei2", "defaults": "edit", "inject_features": 0.0}]
+               {"name": "as-edit-plain", "recipe": "ei2", "defaults": "edit", "inject_features": 0.0},
+               {"name": "p2p", "recipe": "ei2", "p2p": "replace"},
+               {"name": "p2p-strength", "recipe": "ei2", "p2p": "replace", "strength": 0.8}]
     path = _spec(tmp_path, model, source_video, recipes, [0])
     data = yaml.safe_load(path.read_text())
     data["settings"] = {"frames": 3, "steps": 1}
     path.write_text(yaml.safe_dump(data))
     jobs = {j.recipe.name: j.settings for j in load_spec(path).jobs()}
     spec_column, as_edit, plain = jobs["ei2"], jobs["as-edit"], jobs["as-edit-plain"]
+    # with --p2p, `ei2 edit` does not take the model's injection and strength unless given (config.PLAIN_EDIT_ONLY)
+    assert (jobs["p2p"]["strength"], jobs["p2p"]["inject_features"]) == (defaults.STRENGTH, defaults.INJECT_FEATURES)
+    assert jobs["p2p"]["steps"] == 1 and jobs["p2p-strength"]["strength"] == 0.8
     # the spec's own settings win; the rest come from the model's file, then ei2.defaults
     assert (spec_column["steps"], spec_column["frames"]) == (1, 3)
     assert (spec_column["strength"], spec_column["inject_features"]) == (0.5, 0.25)
@@ -151,7 +156,8 @@ def test_spec_settings_left_out_are_the_edit_defaults_of_the_model(tmp_path, sou
         load_spec(path)
 
 
-def test_bench_job_settings_are_the_cli_settings(tmp_path, source_video):
+@pytest.mark.parametrize("p2p", [False, True])
+def test_bench_job_settings_are_the_cli_settings(tmp_path, source_video, p2p):
     """The settings object a bench job edits with is the one `ei2 edit` resolves from the same command line."""
     from ei2 import config as cfg
     from ei2.bench.run import job_settings
@@ -163,18 +169,37 @@ def test_bench_job_settings_are_the_cli_settings(tmp_path, source_video):
     path = _spec(tmp_path, model, source_video, ["ei2"], [3])
     data = yaml.safe_load(path.read_text())
     data["settings"] = {"frames": 3, "inference_steps": 2}
+    if p2p:
+        data["settings"].update(p2p="replace", cross_replace=0.6, self_replace=0.3)
     path.write_text(yaml.safe_dump(data))
     [job] = load_spec(path).jobs()
     prompts = [e.prompt for e in job.video.edits]
     bench = job_settings(job, prompts)
     argv = ["edit", str(source_video), "--model", str(model), "--source-prompt", SOURCE, "--frames", "3",
             "--inference-steps", "2", "--seed", "3", "--quiet"] + [a for p in prompts for a in ("--target-prompt", p)]
+    if p2p:
+        argv += ["--p2p", "replace", "--cross-replace", "0.6", "--self-replace", "0.3"]
     args = build_parser().parse_args(argv)
     cli = cfg.resolve("edit", args, None)
     cfg.apply_model_defaults(cli, model, "edit")
     for field in cfg.fields_for("edit"):
         if field.name not in ("video", "model"):
             assert getattr(bench, field.name) == getattr(cli, field.name), field.name
+
+
+def test_bench_seeds_and_recipes_flags_select_jobs(tmp_path, source_video, monkeypatch, capsys):
+    from ei2.bench import run as bench_run
+    from ei2.cli import main
+
+    path = _spec(tmp_path, "model", source_video, ["ei2", "tune-a-video"], [0, 1, 2])
+    ran = []
+    monkeypatch.setattr(bench_run, "run_bench", lambda spec, out, **kw: ran.append([j.id for j in spec.jobs()]) or {})
+    assert main(["bench", str(path), "--out", str(tmp_path / "out"), "--seeds", "2", "0", "--recipes",
+                 "tune-a-video", "--quiet"]) == 0
+    assert ran == [["square--tune-a-video--s0", "square--tune-a-video--s2"]]
+    assert main(["bench", str(path), "--out", str(tmp_path / "out"), "--seeds", "7", "--quiet"]) != 0
+    assert "--seeds 7: not in the spec; its seeds are 0, 1, 2" in capsys.readouterr().err
+    assert len(ran) == 1
 
 
 @pytest.mark.parametrize("change, message", [

@@ -5,7 +5,7 @@ Each front end runs as a user drives it (`ei2 edit` through `cli.main`, the app 
 the benchmark through `run_bench` on a spec), each with its own inversion cache, on the tiny model. Compared: the
 edited frames (uint8) that `runs.edit_one`, the one place an edit is made, hands each front end, and what each wrote
 from them: the decoded gifs of all three, the decoded mp4s of the CLI and the app, the benchmark's frames.npz.
-The benchmark's spec has no Prompt-to-Prompt option, so the `--p2p replace` case compares the CLI and the app.
+The `--p2p replace` case runs the benchmark with `p2p: replace` in its spec's settings.
 """
 from __future__ import annotations
 
@@ -84,12 +84,13 @@ def _app(tiny_sd, video, out: Path, p2p: str | None) -> Path:
     return run
 
 
-def _bench(tiny_sd, video, out: Path) -> Path:
+def _bench(tiny_sd, video, out: Path, p2p: str | None) -> Path:
     from ei2.bench.run import run_bench
     from ei2.bench.spec import load_spec
 
     # the settings the CLI's and the app's job are given; what the spec leaves out is `ei2 edit`'s default there too
-    settings = {"frames": FRAMES, "steps": STEPS, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE}
+    settings = {"frames": FRAMES, "steps": STEPS, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE,
+                **({"p2p": p2p} if p2p else {})}
     spec = {"name": "one-job", "model": str(tiny_sd), "metrics": ["flow"], "settings": settings,
             "recipes": ["ei2"], "seeds": [SEED],
             "videos": [{"name": "square", "path": str(video), "source_prompt": SOURCE, "edits": [TARGET]}]}
@@ -104,9 +105,7 @@ def _bench(tiny_sd, video, out: Path) -> Path:
 def test_the_cli_the_app_and_the_benchmark_make_the_same_edit(p2p, tiny_sd, source_video, tmp_path, monkeypatch,
                                                                made):
     pytest.importorskip("gradio", reason='the app extra is not installed: pip install -e ".[app]"')
-    fronts = {"cli": _cli, "app": _app}
-    if p2p is None:
-        fronts["bench"] = lambda model, video, out, p2p: _bench(model, video, out)
+    fronts = {"cli": _cli, "app": _app, "bench": _bench}
     folders, frames = {}, {}
     for name, run in fronts.items():
         monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / name / "cache"))  # each inverts for itself

@@ -424,7 +424,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
         progress("load", 1, 1)
     record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
     record["windowing"]["processes"] = world
-    p2p = _check_control(s, pipe)
+    p2p = check_control(s, pipe)
     fps = s.fps or video.fps
     with Staging(final, s.resume) as staging, _Reporter(pipe, progress) as report:
         out = staging.path
@@ -549,8 +549,9 @@ def _p2p_config(s: cfg.Settings):
     return P2PConfig(s.p2p, **given)
 
 
-def _check_control(s: cfg.Settings, pipe):
-    """Check the P2P words against the prompts and tokenizer before anything is written."""
+def check_control(s: cfg.Settings, pipe):
+    """The settings' Prompt-to-Prompt control (`P2PConfig`, None without --p2p), its words checked against the
+    prompts and the tokenizer before anything is written (and --save-attention's word); bad ones raise P2PError."""
     from .control import build_controller, word_token_indices
     from .control.words import P2PError
 

@@ -28,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the spec's quick subset (a smoke test)")
     parser.add_argument("--recipes", nargs="+", metavar="NAME",
                         help="run only these recipe entries of the spec (names as in its `recipes:`)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="N",
+                        help="run only these seeds of the spec's `seeds:` (e.g. --seeds 0 for a first pass)")
     parser.add_argument("--device", default="auto",
                         help="auto (each process's accelerate device: cuda:N, else cpu), cpu, cuda (default: auto)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: cores / processes)")
@@ -58,6 +60,12 @@ def run_command(args, argv=None) -> int:
         if unknown:
             raise ConfigError(f"--recipes {' '.join(unknown)}: not in the spec; its recipes are {', '.join(by_name)}")
         spec.recipes = [by_name[name] for name in args.recipes]
+    if args.seeds:
+        unknown = [str(s) for s in args.seeds if s not in spec.seeds]
+        if unknown:
+            raise ConfigError(f"--seeds {' '.join(unknown)}: not in the spec; its seeds are "
+                              f"{', '.join(map(str, spec.seeds))}")
+        spec.seeds = [s for s in spec.seeds if s in args.seeds]
     if args.report_only or args.rescore:
         from .report import write_report
         from .run import JOB_FILE, Runner, job_dir

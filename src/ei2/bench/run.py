@@ -66,6 +66,7 @@ def job_settings(job: Job, prompts: list[str]):
     from .. import config as cfg
 
     values = {k: v for k, v in job.settings.items() if k not in BENCH_ONLY}
+    values["cross_replace"] = [] if values.get("cross_replace") is None else [str(values["cross_replace"])]
     values.update(source_prompt=job.video.source_prompt, target_prompt=list(prompts), seed=job.seed, quiet=True)
     settings = cfg.Settings(**values)
     settings.explicit = frozenset(values)
@@ -73,16 +74,18 @@ def job_settings(job: Job, prompts: list[str]):
 
 
 def edit_frames(settings, pipe, latents, edits_dir: Path) -> list:
-    """Invert once, then edit every target prompt with `ei2.runs.edit_one`, the function `ei2 edit` uses."""
+    """Invert once, then edit every target prompt with `ei2.runs.edit_one`, the function `ei2 edit` uses (with the
+    settings' Prompt-to-Prompt control, checked against the prompts as `ei2 edit` checks it)."""
     from .. import runs
 
+    p2p = runs.check_control(settings, pipe)
     inverted = None
     if not settings.null_text:
         inverted = pipe.invert(latents=latents, prompt=settings.source_prompt,
                                num_inference_steps=settings.inference_steps, strength=settings.strength)
     out = []
     for i, prompt in enumerate(settings.target_prompt, 1):
-        frames, _ = runs.edit_one(settings, pipe, latents, inverted, prompt, None, edits_dir / f"{i:02d}")
+        frames, _ = runs.edit_one(settings, pipe, latents, inverted, prompt, p2p, edits_dir / f"{i:02d}")
         out.append(frames)
     return out
 

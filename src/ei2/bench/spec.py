@@ -55,19 +55,33 @@ SETTINGS = {
     "inject_features": float, "inject_attention": float, "inject_block": int,
     # edit strength, rescaled guidance, pix2pix-zero noise regularisation (issue 19; `ei2 edit`'s options)
     "strength": float, "guidance_rescale": float, "guidance_rescale_std": str, "noise_regularization": bool,
+    # Prompt-to-Prompt (DESIGN §1.8) on every edit of the column: the mode, one cross-replace fraction for all
+    # words, the self-replace fraction (`--p2p`, `--cross-replace`, `--self-replace`); the word swap of each edit
+    # comes from its prompts
+    "p2p": str, "cross_replace": float, "self_replace": float,
 }
 BENCH_ONLY = {"size": None}  # settings of the benchmark alone (`ei2 edit` has --width/--height)
 VIDEO_SETTINGS = ("frames", "stride", "start", "size")  # which frames are edited: the same for every column
 EDIT_DEFAULTS = "edit"  # a recipe entry with `defaults: edit` runs as `ei2 edit` does, not with the spec's settings
+LOWEST = {"frames": 2, "stride": 1, "start": 0, "steps": 0, "inference_steps": 1}
 
 
-def edit_defaults(model: str | None) -> dict:
-    """The value of every setting that `ei2 edit` would use for `model` (None: the embedded Shapes model)."""
+def edit_defaults(model: str | None, p2p: str | None = None) -> dict:
+    """The value of every setting that `ei2 edit` would use for `model` (None: the embedded Shapes model), without
+    or with `--p2p` (whose edits do not take the model's injection and strength: `config.apply_model_defaults`)."""
     from .. import config as cfg
     from ..runs import model_folder
 
-    settings = cfg.defaults_for(model_folder(model), cfg.EDIT)
-    return {**BENCH_ONLY, **{k: getattr(settings, k) for k in SETTINGS if k not in BENCH_ONLY}}
+    settings = cfg.defaults_for(model_folder(model), cfg.EDIT, p2p)
+    out = {**BENCH_ONLY, **{k: getattr(settings, k) for k in SETTINGS if k not in BENCH_ONLY}}
+    out["cross_replace"] = None  # `ei2 edit`'s [] (P2PConfig's default)
+    return out
+
+
+def resolve_settings(model: str | None, given: dict) -> dict:
+    """Every setting of a job: those given (by the spec's settings, its quick section, the recipe entry), the rest
+    `ei2 edit`'s defaults for the model, exactly as the CLI resolves a command line that gives the same options."""
+    return {**edit_defaults(model, given.get("p2p")), **given}
 
 
 TOP_KEYS = ("name", "model", "clip_model", "metrics", "settings", "recipes", "seeds", "videos", "quick")
@@ -160,16 +174,22 @@ class BenchSpec:
     seeds: list[int]
     videos: list[VideoEntry]
     quick: bool = False
-    default_settings: dict = field(default_factory=dict)  # `ei2 edit`'s, on the spec's frames (`defaults: edit`)
+    given: dict = field(default_factory=dict)  # the settings the spec gives (and its quick section); `settings`: all
+
+    def job_settings(self, recipe: RecipeEntry) -> dict:
+        """All settings of a column: those given by the spec (only its frames with `defaults: edit`) and by the
+        recipe entry, the rest `ei2 edit`'s defaults for the model (`resolve_settings`)."""
+        given = {k: v for k, v in self.given.items() if not recipe.edit_defaults or k in VIDEO_SETTINGS}
+        return resolve_settings(self.model, {**given, **recipe.overrides})
 
     def jobs(self) -> list[Job]:
         """Every (video, recipe, seed), seed-major so that consecutive shares mix recipes and videos."""
+        columns = {recipe.name: self.job_settings(recipe) for recipe in self.recipes}
         out = []
         for seed in self.seeds:
             for video in self.videos:
                 for recipe in self.recipes:
-                    base = self.default_settings if recipe.edit_defaults else self.settings
-                    out.append(Job(video, recipe, seed, {**base, **recipe.overrides}))
+                    out.append(Job(video, recipe, seed, dict(columns[recipe.name])))
         return out
 
     def digest(self) -> str:
@@ -187,6 +207,9 @@ def _unknown(where: str, keys, known) -> None:
 
 
 def _settings(where: str, values, base: dict) -> dict:
+    """`base` updated with the checked settings of `values` (a mapping from the spec)."""
+    from ..control.options import MODES
+
     if values is None:
         return dict(base)
     if not isinstance(values, dict):
@@ -198,18 +221,23 @@ def _settings(where: str, values, base: dict) -> dict:
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, str))
+        if value is None and key not in ("size", "p2p", "cross_replace", "self_replace"):
+            raise ConfigError(f"{where}: {key!r} needs a value")
         if value is not None and not ok:
             raise ConfigError(f"{where}: {key!r} must be {kind.__name__}, got {value!r}")
-        out[key] = float(value) if kind is float else value
-    for key, low in (("frames", 2), ("stride", 1), ("start", 0), ("steps", 0), ("inference_steps", 1)):
-        if out[key] < low:
+        out[key] = float(value) if kind is float and value is not None else value
+    for key, low in LOWEST.items():
+        if key in values and out[key] < low:
             raise ConfigError(f"{where}: {key!r} must be at least {low}, got {out[key]}")
-    if not out["lr"] > 0:
+    if "lr" in values and not out["lr"] > 0:
         raise ConfigError(f"{where}: 'lr' must be positive, got {out['lr']}")
+    if out.get("p2p") is not None and out["p2p"] not in MODES:
+        raise ConfigError(f"{where}: 'p2p' must be one of {', '.join(MODES)} (or null: no Prompt-to-Prompt), "
+                          f"got {out['p2p']!r}")
     return out
 
 
-def _recipes(where: str, values, defaults: dict) -> list[RecipeEntry]:
+def _recipes(where: str, values) -> list[RecipeEntry]:
     from ..models import RECIPES
 
     if not isinstance(values, list) or not values:
@@ -228,8 +256,7 @@ def _recipes(where: str, values, defaults: dict) -> list[RecipeEntry]:
             raise ConfigError(f"{where}: recipe {recipe!r}: 'defaults' can only be {EDIT_DEFAULTS!r} (run as `ei2 edit` "
                               f"does, without the spec's settings), got {use_defaults!r}")
         overrides = {k: v for k, v in item.items() if k not in ("name", "recipe", "defaults")}
-        overrides = {k: v for k, v in _settings(f"{where}: recipe {recipe!r}", overrides, defaults).items()
-                     if k in overrides}
+        overrides = _settings(f"{where}: recipe {recipe!r}", overrides, {})
         out.append(RecipeEntry(str(item.get("name", recipe)), recipe, overrides, use_defaults == EDIT_DEFAULTS))
     names = [r.name for r in out]
     if len(set(names)) != len(names):
@@ -314,9 +341,8 @@ def load_spec(path: str | Path, quick: bool = False) -> BenchSpec:
     model = data.get("model")
     if model is not None and (path.parent / str(model)).is_dir():
         model = str((path.parent / str(model)).resolve())
-    defaults = edit_defaults(model)
-    settings = _settings(f"{where}: settings", data.get("settings"), defaults)
-    recipes = _recipes(where, data.get("recipes"), defaults)
+    given = _settings(f"{where}: settings", data.get("settings"), {})
+    recipes = _recipes(where, data.get("recipes"))
     seeds = _seeds(where, data.get("seeds", [0]))
     videos = _videos(path, data.get("videos"))
     clip_model = data.get("clip_model")
@@ -346,9 +372,8 @@ def load_spec(path: str | Path, quick: bool = False) -> BenchSpec:
             recipes = [by_name[r] for r in q["recipes"]]
         if "seeds" in q:
             seeds = _seeds(f"{where}: quick", q["seeds"])
-        settings = _settings(f"{where}: quick settings", q.get("settings"), settings)
-        defaults = _settings(f"{where}: quick settings", q.get("settings"), defaults)
+        quick_given = _settings(f"{where}: quick settings", q.get("settings"), {})
+        given = {**given, **quick_given}
         name += "-quick"
-    default_settings = {**defaults, **{k: settings[k] for k in VIDEO_SETTINGS}}
     return BenchSpec(name, path, None if model is None else str(model), None if clip_model is None else str(clip_model),
-                     tuple(metrics), settings, recipes, seeds, videos, quick, default_settings)
+                     tuple(metrics), resolve_settings(model, given), recipes, seeds, videos, quick, given)
