@@ -33,6 +33,7 @@ VARIANTS = {
     "s0.6 inject0.3": (0.6, 0.3, 0.5, 0.0, "video", False),  # calibrated (benchmarks/injection/RESULTS.md)
     "s0.6 plain": (0.6, 0.0, 0.0, 0.0, "video", False),
     "s0.6 inject0.3 rescale-video": (0.6, 0.3, 0.5, 0.7, "video", False),
+    "s0.6 inject0.5 rescale-video": (0.6, 0.5, 0.5, 0.7, "video", False),  # rescaled guidance at the shipped setting
     "s0.6 inject0.3 rescale-frame": (0.6, 0.3, 0.5, 0.7, "frame", False),
     "s0.6 inject0.3 noise-reg": (0.6, 0.3, 0.5, 0.0, "video", True),
     "s1.0 inject0.5 noise-reg": (1.0, 0.5, 0.5, 0.0, "video", True),

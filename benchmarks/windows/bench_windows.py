@@ -62,7 +62,10 @@ def scene_video(num_frames: int, zigzag_turns: int = 1, color: str = "red", shap
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def memory_one(num_frames: int, out: Path, steps: int, inference_steps: int) -> dict:
+PLAIN = ["--strength", "1", "--inject-features", "0", "--inject-attention", "0"]  # `--plain`: the edit before issue 19
+
+
+def memory_one(num_frames: int, out: Path, steps: int, inference_steps: int, plain: bool = False) -> dict:
     """Run in a fresh process: `ei2 edit` of a num_frames video, window 8; peak RSS of this process."""
     import resource
 
@@ -77,7 +80,7 @@ def memory_one(num_frames: int, out: Path, steps: int, inference_steps: int) -> 
     code = main(["edit", str(video), "--source-prompt", "a red circle on a gray background",
                  "--target-prompt", "a blue circle on a gray background", "--frames", "all", "--window", "8",
                  "--steps", str(steps), "--inference-steps", str(inference_steps), "--device", "cpu", "--quiet",
-                 "--out", str(run), "--overwrite"])
+                 "--out", str(run), "--overwrite"] + (PLAIN if plain else []))
     wall = time.perf_counter() - t
     if code:
         raise SystemExit(code)
@@ -87,6 +90,9 @@ def memory_one(num_frames: int, out: Path, steps: int, inference_steps: int) -> 
     return {"frames": num_frames, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "wall_s": round(wall, 2), "tune_s": timings.get("tune_s"), "invert_edit_s": round(invert_edit, 2),
             "invert_edit_s_per_frame": round(invert_edit / num_frames, 4),
+            "invert_s_per_frame": round(timings["invert_s"] / num_frames, 4),
+            "edit_s_per_frame": round(sum(timings["edit_s"]) / num_frames, 4),
+            "write_s": timings.get("write_s"), "load_s": timings.get("load_s"),
             "windows": record["windowing"]["windows"], "windowed": record["windowing"]["windowed"]}
 
 
@@ -94,7 +100,8 @@ def memory(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for f in args.frames:
-            command = [sys.executable, __file__, "_memory_one", str(f), tmp, str(args.steps), str(args.inference_steps)]
+            command = [sys.executable, __file__, "_memory_one", str(f), tmp, str(args.steps), str(args.inference_steps),
+                       "plain" if args.plain else "defaults"]
             result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if result.returncode:
                 raise SystemExit(result.stderr[-2000:])
@@ -102,8 +109,9 @@ def memory(args) -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({"steps": args.steps, "inference_steps": args.inference_steps,
-                                                     "rows": rows}, indent=2) + "\n")
+    name = "memory-plain.json" if args.plain else "memory.json"
+    (RESULTS / name).write_text(json.dumps({"steps": args.steps, "inference_steps": args.inference_steps,
+                                            "plain": args.plain, "rows": rows}, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- seams
@@ -241,7 +249,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_memory_one":
         f, out, steps, inference_steps = int(argv[1]), Path(argv[2]), int(argv[3]), int(argv[4])
-        print(json.dumps(memory_one(f, out, steps, inference_steps)))
+        print(json.dumps(memory_one(f, out, steps, inference_steps, plain=argv[5] == "plain")))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +257,8 @@ def main(argv=None) -> None:
     m.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     m.add_argument("--steps", type=int, default=4)
     m.add_argument("--inference-steps", type=int, default=10)
+    m.add_argument("--plain", action="store_true", help="strength 1, no injection (the Shapes defaults before issue 19; "
+                                                        "default: the model's defaults, as `ei2 edit` runs)")
     s = sub.add_parser("seams")
     s.add_argument("--frames", type=int, default=48)
     s.add_argument("--window", type=int, default=8)

@@ -181,7 +181,7 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
         f"# Benchmark `{spec.name}`",
         "",
         f"{len(spec.videos)} videos × {len(recipes)} recipes × {len(spec.seeds)} seeds = {len(spec.jobs())} jobs "
-        f"(one tuning and {len(spec.videos[0].edits)} edits each). Settings: {s['frames']} frames, {s['steps']} tuning steps (lr {s['lr']:g}), "
+        f"(one tuning and {len(spec.videos[0].edits)} edits each). Settings (the variants' own below): {s['frames']} frames, {s['steps']} tuning steps (lr {s['lr']:g}), "
         f"{s['inference_steps']} DDIM steps, guidance {s['guidance_scale']:g}. "
         f"Compute {timing['compute_s'] / 60:.1f} min in {timing['jobs']} finished jobs; wall {timing['wall_s'] / 60:.1f} min on "
         f"{timing['processes']} process(es).",
@@ -196,8 +196,13 @@ def markdown(spec: BenchSpec, rows: list[dict], timing: dict) -> str:
         "",
         recipe_table(rows, recipes, keys),
     ]
-    overrides = [f"`{r.name}` = `{r.recipe}`" + (" with `ei2 edit`'s settings for the model" if r.edit_defaults else "")
-                 + (f" with {r.overrides}" if r.overrides else "") for r in spec.recipes if r.overrides or r.edit_defaults]
+    def differs(r) -> str:  # the column's settings that are not the spec's (above), with their values
+        own = spec.job_settings(r)
+        return ", ".join(f"{k} {own[k]:g}" if isinstance(own[k], float) else f"{k} {own[k]}"
+                         for k in own if own[k] != s.get(k))
+
+    overrides = [f"`{r.name}` = `{r.recipe}`" + (" as `ei2 edit` runs it" if r.edit_defaults else "")
+                 + (f" ({differs(r)})" if differs(r) else "") for r in spec.recipes if r.overrides or r.edit_defaults]
     if overrides:
         out += ["", "Variants: " + "; ".join(overrides) + "."]
     if "edit_acc" in keys:
