@@ -105,7 +105,8 @@ def main(argv=None) -> int:
                 rows.append({"video": video["name"], "kind": kind, "features": features, "attention": attention,
                              "strength": strength,
                              "mean_err": float(err.mean()), "max_err": float(err.max()),
-                             "collapsed": int(np.isinf(err).sum()), "edit_acc": m.get("edit_acc"),
+                             "collapsed": int(np.isinf(err).sum()),
+                             "collapsed_frames": [int(i) for i in np.flatnonzero(np.isinf(err))], "edit_acc": m.get("edit_acc"),
                              "keep_acc": m.get("keep_acc"), "edit_s": edit_s, "tune_s": tune_s})
             if args.out:  # after every video and grid point, so an interrupted run keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
