@@ -101,6 +101,27 @@ class Settings:
     inject_block: int = option(defaults.INJECT_BLOCK, "structure: decoder block up_blocks[N] whose features are "
                                                       "injected (attention: that block and finer ones)",
                                commands=(EDIT,), metavar="N")
+    control: list[str] = option([], "structure condition per frame, computed from the source: canny, softedge, "
+                                    "depth, or a folder/video of maps you bring; repeat for several ControlNets "
+                                    "(paired in order with --controlnet); `none`: no condition", repeat=True,
+                                metavar="KIND_OR_PATH")
+    controlnet: list[str] = option([], "diffusers ControlNet folder or hub id for each --control, in order "
+                                       "(default: the one the model bundles for that kind)", repeat=True,
+                                   metavar="PATH_OR_ID")
+    control_scale: list[str] = option([], "controlnet_conditioning_scale: one for all, or one per --control "
+                                          "(default 1.0)", repeat=True, metavar="S")
+    control_start: float = option(0.0, "fraction of the sampled steps after which the ControlNet starts to act "
+                                       "(control_guidance_start)", metavar="A")
+    control_end: float = option(1.0, "fraction of the sampled steps after which it stops (control_guidance_end)",
+                                metavar="B")
+    control_inversion: bool = option(True, "keep the condition on during DDIM inversion, with the same maps "
+                                           "(as RAVE and TokenFlow)", commands=(EDIT,))
+    control_tuning: bool = option(True, "tune with the condition on, so that the adapter learns what the "
+                                        "controlled edit gives it")
+    canny_low: int = option(50, "--control canny: OpenCV's lower hysteresis threshold")
+    canny_high: int = option(100, "--control canny: OpenCV's upper hysteresis threshold")
+    depth_model: str | None = option(None, "--control depth: a transformers depth-estimation folder or an id in "
+                                           "your Hugging Face cache (never downloaded)", metavar="PATH_OR_ID")
     noise_regularization: bool = option(False, "pix2pix-zero: push each predicted noise of the inversion towards "
                                                "white Gaussian noise (auto-correlation and KL penalties, weights "
                                                f"{defaults.NOISE_REG_AUTO_CORR:g}/{defaults.NOISE_REG_KL:g}, "
@@ -297,6 +318,16 @@ MODEL_DEFAULT_KEYS = ("frames", "window", "anchor_frames", "stride", "width", "h
 
 # model defaults that a `--p2p` edit does not take (see `apply_model_defaults`)
 PLAIN_EDIT_ONLY = ("inject_features", "inject_attention", "inject_block", "strength")
+# keys of ei2_defaults.json that are not options: the structure conditions the model bundles a ControlNet for
+# (kind -> folder inside the model folder), and the defaults of a controlled edit (`--control`)
+MODEL_CONTROLNETS = "controlnets"
+MODEL_CONTROLLED = "controlled"
+NO_CONTROL = "none"
+
+
+def controlled(s: Settings) -> bool:
+    """Whether the settings ask for a structure condition (`--control KIND_OR_PATH`, not `none`)."""
+    return bool(s.control) and s.control != [NO_CONTROL]
 
 
 def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None, command: str) -> dict:
@@ -309,6 +340,10 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     (`PLAIN_EDIT_ONLY`): with `--p2p` the source branch's attention maps and local blending already hold the
     layout; injecting on top of them collapsed a frame of the Shapes P2P colour swap, and so did the Shapes
     model's strength 0.6 (`benchmarks/injection/RESULTS.md`); `--inject-*`/`--strength` given with `--p2p` apply.
+
+    A plain edit with `--control` takes the model's `"controlled"` defaults instead where it has them (the Shapes
+    model: strength 1.0 and no injection; a structure condition holds the layout, and injection fights it).
+    The model's `"controlnets"` (kind -> folder) are read by `bundled_controlnets`.
     """
     import json
 
@@ -325,6 +360,12 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
         raise ConfigError(f"{path}: expected an object of option: value")
     known = {f.name: f for f in fields_for(command)}
     applied = {}
+    data.pop(MODEL_CONTROLNETS, None)  # read by `bundled_controlnets`
+    controlled_defaults = data.pop(MODEL_CONTROLLED, {})
+    if not isinstance(controlled_defaults, dict):
+        raise ConfigError(f"{path}: {MODEL_CONTROLLED!r} must be an object of option: value")
+    if "control" in known and controlled(settings) and not getattr(settings, "p2p", None):
+        data.update(controlled_defaults)  # a controlled edit's own calibrated defaults replace the plain ones
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in MODEL_DEFAULT_KEYS:
@@ -339,16 +380,33 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     return applied
 
 
-def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | None = None) -> Settings:
+def bundled_controlnets(model_dir: str | os.PathLike | None) -> dict[str, str]:
+    """The ControlNets a model folder bundles, `{kind: folder}` (its ei2_defaults.json's "controlnets")."""
+    import json
+
+    path = None if model_dir is None else Path(model_dir) / MODEL_DEFAULTS_FILE
+    if path is None or not path.is_file():
+        return {}
+    try:
+        bundled = json.loads(path.read_text()).get(MODEL_CONTROLNETS, {})
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a valid JSON object ({e})") from e
+    if not isinstance(bundled, dict) or not all(isinstance(v, str) for v in bundled.values()):
+        raise ConfigError(f"{path}: {MODEL_CONTROLNETS!r} must map a condition kind to a ControlNet folder")
+    return {k: str(Path(model_dir) / v) for k, v in bundled.items()}
+
+
+def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | None = None,
+                 control: list[str] | None = None) -> Settings:
     """The settings of `command` before the user sets anything: the generic defaults with the model's own
     (`apply_model_defaults`, with its rules) for an edit without or with `--p2p` (the web app's form).
 
     A front end that shows every option (the app) passes as `explicit` only the values that differ from
     these, so that an option left as shown gets the model's default exactly as a flag left out of a command
     line does: with `--p2p` the model's injection stays off and its strength is the generic one unless the user
-    sets `--inject-*`/`--strength`.
+    sets `--inject-*`/`--strength`; with `control` (a plain edit) the model's controlled-edit defaults apply.
     """
-    settings = Settings(p2p=p2p)
+    settings = Settings(p2p=p2p, control=list(control or []))
     settings.explicit = frozenset()
     apply_model_defaults(settings, model_dir, command)
     return settings

@@ -122,7 +122,7 @@ def rescale_guidance(guided, cond, guidance_rescale: float, std: str = GUIDANCE_
     return out.reshape(b, f, c, h, w).transpose(1, 2)
 
 
-def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0, cross_attention_kwargs=None,
+def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0, model_inputs: dict | None = None,
                  guidance_rescale: float = GUIDANCE_RESCALE, rescale_std: str = GUIDANCE_RESCALE_STD,
                  unguided: int = 0):
     """The model's prediction (fp32) at timestep t for `latents`, with classifier-free guidance when `uncond_emb`
@@ -130,17 +130,21 @@ def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0
 
     `unguided`: the first entries of `latents` are predicted without guidance (conditional only); the UNet's
     batch is then `[those (conditional), the rest (unconditional), the rest (conditional)]`, and `uncond_emb`
-    is `(1, L, D)` or one per guided entry."""
+    is `(1, L, D)` or one per guided entry.
+
+    `model_inputs`: the model's other inputs (k-diffusion's `extra_args`), passed to every UNet call unchanged:
+    `cross_attention_kwargs`, `control` (a structure condition; its maps serve any batch)."""
+    inputs = model_inputs or {}
     if uncond_emb is None or guidance_scale == 1.0:
-        return unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+        return unet(latents, t, text_emb, **inputs).sample.float()
     k = unguided
     rest = latents[k:]
     b = rest.shape[0]
     if b == 0:
-        return unet(latents, t, text_emb, cross_attention_kwargs=cross_attention_kwargs).sample.float()
+        return unet(latents, t, text_emb, **inputs).sample.float()
     out = unet(
         torch.cat([latents[:k], rest, rest]), t, torch.cat([text_emb[:k], uncond_emb.expand(b, -1, -1), text_emb[k:]]),
-        cross_attention_kwargs=cross_attention_kwargs,
+        **inputs,
     ).sample.float()
     lead, uncond, cond = out.split([k, b, b])
     guided = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale, rescale_std)
@@ -148,14 +152,14 @@ def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0
 
 
 def predict_eps(unet, scheduler, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0,
-                cross_attention_kwargs=None, guidance_rescale: float = GUIDANCE_RESCALE,
+                model_inputs: dict | None = None, guidance_rescale: float = GUIDANCE_RESCALE,
                 rescale_std: str = GUIDANCE_RESCALE_STD):
     """eps (fp32) predicted at timestep t for `latents` (see `model_output`).
 
     v-predictions are converted with the alpha of t, the level the model was evaluated at, so inversion
     treats epsilon and v models alike.
     """
-    out = model_output(unet, latents, t, text_emb, uncond_emb, guidance_scale, cross_attention_kwargs,
+    out = model_output(unet, latents, t, text_emb, uncond_emb, guidance_scale, model_inputs,
                        guidance_rescale, rescale_std)
     return to_epsilon(out, latents.float(), alpha(scheduler, t, latents.device), prediction_type(scheduler))
 
@@ -244,12 +248,14 @@ def ddim_invert(
     progress: Callable | None = None,
     callback: Callable | None = None,
     noise_regularization: NoiseRegularization | None = None,
+    model_inputs: dict | None = None,
 ) -> torch.Tensor:
     """DDIM inversion of clean latents `(b, c, f, h, w)` to x_T, without guidance.
 
     `progress` is an optional context-manager factory `progress(total=n)` (e.g. a pipeline's `progress_bar`).
     `callback(i, t, latents)` sees the latents after every step (e.g. to record the trajectory).
     `noise_regularization`: pix2pix-zero's penalties on every predicted eps (`regularize_noise`).
+    `model_inputs`: the UNet's other inputs (`model_output`), e.g. a structure condition.
     Returns x_T with the same shape and dtype.
     """
     prediction_type(scheduler)
@@ -261,7 +267,7 @@ def ddim_invert(
     generator = None if noise_regularization is None else torch.Generator().manual_seed(noise_regularization.seed)
     for i, t in enumerate(reversed(steps)):
         # eps is evaluated at the next (noisier) timestep on the current latents, as in Tune-A-Video
-        eps = predict_eps(unet, scheduler, x, t, text_emb)
+        eps = predict_eps(unet, scheduler, x, t, text_emb, model_inputs=model_inputs)
         if noise_regularization is not None:
             eps = regularize_noise(eps, noise_regularization, generator)
         x = ddim_step(eps, x, alpha(scheduler, previous, x.device), alpha(scheduler, t, x.device))
@@ -277,14 +283,16 @@ def ddim_invert(
 
 def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor,
                               num_inference_steps: int = INFERENCE_STEPS, progress: Callable | None = None,
-                              noise_regularization: NoiseRegularization | None = None) -> torch.Tensor:
+                              noise_regularization: NoiseRegularization | None = None,
+                              model_inputs: dict | None = None) -> torch.Tensor:
     """[x_0, x_1, ..., x_T] stacked, (steps + 1, b, c, f, h, w): every latent of `ddim_invert` (x_T last).
 
     Sampling at strength S starts from `trajectory[int(steps * S)]`, the latent at the level of
     `timesteps(...)[start_step(steps, S)]`."""
     out = [latents]
     ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, progress=progress,
-                callback=lambda i, t, x: out.append(x), noise_regularization=noise_regularization)
+                callback=lambda i, t, x: out.append(x), noise_regularization=noise_regularization,
+                model_inputs=model_inputs)
     return torch.stack(out)
 
 
@@ -306,6 +314,7 @@ def ddim_sample(
     unguided: int = 0,
     drop_first: int = 0,
     drop_after: int | None = None,
+    model_inputs: dict | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) from x_T `(b, c, f, h, w)` under `text_emb` `(b, L, D)`.
 
@@ -318,8 +327,11 @@ def ddim_sample(
     `unguided`: the first entries are sampled without guidance (see `model_output`). `drop_first` entries leave
     the batch after step `drop_after` (an index of the steps that run; e.g. a source branch that is no longer
     needed); only the others are sampled on and returned.
+    `model_inputs`: the UNet's other inputs (`model_output`); `cross_attention_kwargs` joins them.
     """
     kind = prediction_type(scheduler)
+    if cross_attention_kwargs is not None:
+        model_inputs = {**(model_inputs or {}), "cross_attention_kwargs": cross_attention_kwargs}
     if not 0 <= unguided <= latents.shape[0]:
         raise ValueError(f"unguided must be between 0 and the batch size {latents.shape[0]}, got {unguided}")
     if not 0 <= drop_first < latents.shape[0]:
@@ -339,7 +351,7 @@ def ddim_sample(
     bar = progress(total=len(steps)) if progress is not None else None
     for i, t in enumerate(steps):
         uncond = uncond_emb[i] if per_step else uncond_emb
-        out = model_output(unet, x, t, text_emb, uncond, guidance_scale, cross_attention_kwargs,
+        out = model_output(unet, x, t, text_emb, uncond, guidance_scale, model_inputs,
                            guidance_rescale, rescale_std, unguided)
         nxt = steps[i + 1] if i + 1 < len(steps) else None
         x = ddim_move(out, x, alpha(scheduler, t, x.device), alpha(scheduler, nxt, x.device), kind)

@@ -35,7 +35,7 @@ from . import defaults
 from .errors import EI2Error, ModelError
 from .files import replace_folder, write_json
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
-                        start_step, tensor_hash)
+                        start_step, tensor_hash, timesteps)
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
 from .tuning import TuningConfig, TuningResult, tune
@@ -404,11 +404,26 @@ class EI2Pipeline(DiffusionPipeline):
         tensors = [p for _, p in self.unet.trainable_parameters()]
         return f"{self.unet.base_fingerprint}-{self.unet.recipe.digest()}-{tensor_hash(*tensors)}"
 
-    def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> str:
+    def check_control(self, control, latents: torch.Tensor) -> None:
+        """A structure condition must have one map per frame of the video, at the frames' pixel size."""
+        if control is not None:
+            f, (h, w) = latents.shape[2], latents.shape[3:]
+            control.check_frames(f, h * self.vae_scale_factor, w * self.vae_scale_factor)
+
+    def bind_control(self, control, num_inference_steps: int, strength: float = defaults.STRENGTH):
+        """The structure condition with its window bound to the steps that run (None stays None)."""
+        if control is None:
+            return None
+        steps = timesteps(self.ddim_scheduler(), num_inference_steps, "cpu")
+        return control.for_steps(steps[self.start_step(num_inference_steps, strength):])
+
+    def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int, control=None) -> str:
         """Cache key of the DDIM inversion trajectory (every level, x_0 to x_T) of clean `latents` under
-        `prompt` with this adapter, scheduler and precision."""
+        `prompt` with this adapter, scheduler, precision and structure condition."""
         latents = latents.to(self.unet.device, torch.float32)
         extra = f"trajectory|{self.mixed_precision}|{self._schedule_key()}"
+        if control is not None:
+            extra += "|" + control.key()
         if self.noise_regularization is not None:
             extra += "|" + self.noise_regularization.key()
         if self.windowed(latents.shape[2]):
@@ -422,9 +437,11 @@ class EI2Pipeline(DiffusionPipeline):
 
         return hashlib.sha256(repr([self.scheduler.config.get(k) for k in keys]).encode()).hexdigest()[:12]
 
-    def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int) -> bool:
+    def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int, control=None,
+                    strength: float = defaults.STRENGTH) -> bool:
         """Whether `invert(latents=latents, prompt=prompt, ...)` would come from the cache."""
-        return self.inversion_cache.get(self.inversion_key(latents, prompt, num_inference_steps)) is not None
+        control = self.bind_control(control, num_inference_steps, strength)
+        return self.inversion_cache.get(self.inversion_key(latents, prompt, num_inference_steps, control)) is not None
 
     def save_adapter(self, directory: str | Path) -> Path:
         return self.unet.save_adapter(directory)
@@ -496,12 +513,15 @@ class EI2Pipeline(DiffusionPipeline):
         resume: bool = False,
         callback: Callable[[int, float], None] | None = None,
         gradient_accumulation: int = 1,
+        control=None,
     ) -> TuningResult:
         """One-shot tuning of the UNet's recipe tensors on the source video and prompt (DESIGN §1.6).
 
         With a windowing shorter than the video, each step tunes on one clip of `window` consecutive frames
         drawn from the seeded generator (DESIGN §1.10). `gradient_accumulation`: micro-batches (clips, noise
-        and timesteps) per optimiser step; under `ei2.tuning.across_processes()` they are shared out."""
+        and timesteps) per optimiser step; under `ei2.tuning.across_processes()` they are shared out.
+        `control`: a structure condition (`ei2.structure.StructureControl`) to tune under (its window is not used:
+        tuning draws every timestep)."""
         self._check_prompt(source_prompt, "source_prompt")
         if latents is None:
             if frames is None:
@@ -515,8 +535,10 @@ class EI2Pipeline(DiffusionPipeline):
             gradient_accumulation=gradient_accumulation,
         )
         noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        self.check_control(control, latents)
         result = tune(self.unet, noise_scheduler, latents.to(self.unet.device), text.to(self.unet.device), config,
-                      checkpoint_dir=checkpoint_dir, resume=resume, progress=self._progress_enabled(), callback=callback)
+                      checkpoint_dir=checkpoint_dir, resume=resume, progress=self._progress_enabled(), callback=callback,
+                      control=control)
         self.unet.eval()
         return result
 
@@ -529,19 +551,22 @@ class EI2Pipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         num_inference_steps: int = defaults.INFERENCE_STEPS,
         use_cache: bool = True,
+        control=None,
     ) -> torch.Tensor:
         """DDIM inversion of the source video (frames or clean latents) under `prompt`, no guidance: every level
         `[x_0, x_1, ..., x_T]`, `(steps + 1, b, c, f, h, w)` fp32.
 
-        Cached per (video latents, adapter, scheduler, steps, prompt, windowing, `noise_regularization`): editing
-        several prompts at any strengths inverts once.
+        Cached per (video latents, adapter, scheduler, steps, prompt, windowing, `noise_regularization`, structure
+        condition): editing several prompts at any strengths inverts once. `control`: a structure condition the
+        inversion runs under (bound to the steps that run, `bind_control`).
         """
         if latents is None:
             if frames is None:
                 raise ValueError("give frames or latents")
             latents = self.encode_frames(frames)
         latents = latents.to(self.unet.device, torch.float32)
-        key = self.inversion_key(latents, prompt, num_inference_steps)
+        self.check_control(control, latents)
+        key = self.inversion_key(latents, prompt, num_inference_steps, control)
         cached = self.inversion_cache.get(key) if use_cache else None
         if cached is not None and cached.shape[1:] == latents.shape:
             return cached.to(latents.device)
@@ -550,7 +575,8 @@ class EI2Pipeline(DiffusionPipeline):
             trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents,
                                                    text, num_inference_steps,
                                                    progress=functools.partial(self.progress_bar, desc="inversion"),
-                                                   noise_regularization=self.noise_regularization)
+                                                   noise_regularization=self.noise_regularization,
+                                                   model_inputs=None if control is None else {"control": control})
         trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
             self.inversion_cache.put(key, trajectory)
@@ -565,11 +591,14 @@ class EI2Pipeline(DiffusionPipeline):
         num_inference_steps: int = defaults.INFERENCE_STEPS,
         strength: float = defaults.STRENGTH,
         use_cache: bool = True,
+        control=None,
     ) -> torch.Tensor:
         """DDIM inversion of the source video under `prompt` -> the latent where sampling at `strength` starts
-        (x_T at strength 1), from the cached trajectory (`invert_trajectory`)."""
+        (x_T at strength 1), from the cached trajectory (`invert_trajectory`), under the structure condition
+        `control` if given (its window bound to the steps sampling at `strength` runs)."""
         trajectory = self.invert_trajectory(frames, prompt, latents=latents, num_inference_steps=num_inference_steps,
-                                            use_cache=use_cache)
+                                            use_cache=use_cache,
+                                            control=self.bind_control(control, num_inference_steps, strength))
         n = len(trajectory) - 1
         return trajectory[n - start_step(n, strength)].clone()
 
@@ -598,6 +627,8 @@ class EI2Pipeline(DiffusionPipeline):
         strength: float = defaults.STRENGTH,
         guidance_rescale: float = defaults.GUIDANCE_RESCALE,
         guidance_rescale_std: str = defaults.GUIDANCE_RESCALE_STD,
+        control=None,
+        control_inversion: bool = True,
     ):
         """Edit (or generate) a video under `prompt`.
 
@@ -608,6 +639,8 @@ class EI2Pipeline(DiffusionPipeline):
         run, from the inversion's latent at that level (given `latents` are taken to be at that level).
         `guidance_rescale` (phi, 0: off): the guided prediction rescaled towards the conditional one's std, per
         `guidance_rescale_std` ("video" or "frame").
+        `control`: a structure condition (`ei2.structure.StructureControl`: ControlNets, one map per frame, scales,
+        window), on during sampling and, unless `control_inversion=False`, during the DDIM inversion (DESIGN §1.12).
         Returns `EI2PipelineOutput(frames (b, f, h, w, 3) uint8, latents (b, c, f, h, w))`.
         """
         # 1. Check inputs
@@ -634,7 +667,7 @@ class EI2Pipeline(DiffusionPipeline):
             if inversion_prompt is None:
                 inversion_prompt = source_prompt or ""
             latents = self.invert(frames, inversion_prompt, latents=source_latents, num_inference_steps=num_inference_steps,
-                                  strength=strength)
+                                  strength=strength, control=control if control_inversion else None)
         elif latents is None:
             side = self.default_size
             height, width = height or side, width or side
@@ -647,6 +680,8 @@ class EI2Pipeline(DiffusionPipeline):
         latents = latents.to(device, torch.float32)
         if latents.shape[0] == 1 and batch > 1:
             latents = latents.expand(batch, -1, -1, -1, -1).clone()
+        self.check_control(control, latents)
+        control = self.bind_control(control, num_inference_steps, strength)
 
         # 4. Denoise with DDIM
         def on_step(i, t, x):
@@ -662,7 +697,7 @@ class EI2Pipeline(DiffusionPipeline):
                 guidance_scale=guidance_scale,
                 uncond_emb=uncond, progress=functools.partial(self.progress_bar, desc="editing"), callback=on_step,
                 cross_attention_kwargs=cross_attention_kwargs, start=start, guidance_rescale=guidance_rescale,
-                rescale_std=guidance_rescale_std,
+                rescale_std=guidance_rescale_std, model_inputs=None if control is None else {"control": control},
             )
         latents = latents.float()
 

@@ -87,6 +87,7 @@ def validate(s: cfg.Settings, command: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     if not s.lr > 0:
         raise ConfigError(f"--lr must be positive, got {s.lr}")
+    _check_control_settings(s)
     from .models import RECIPES
 
     if s.recipe is not None and s.recipe not in RECIPES:
@@ -95,6 +96,97 @@ def validate(s: cfg.Settings, command: str) -> None:
         raise ConfigError("--resume needs the --out of the interrupted run")
     if not Path(s.video).exists():
         raise ConfigError(f"video not found: {s.video}")
+
+
+def control_scales(s: cfg.Settings) -> list[float]:
+    """`--control-scale`: one number for every net, or one per `--control` (default 1.0)."""
+    scales = []
+    for v in s.control_scale or ["1.0"]:
+        try:
+            scales.append(float(v))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--control-scale must be a number, got {v!r}") from None
+    return scales
+
+
+def _check_control_settings(s: cfg.Settings) -> None:
+    """The structure-condition options, checked before anything is loaded."""
+    from .structure.controlnet import check_scale, check_window
+    from .structure.maps import KINDS
+
+    if not cfg.controlled(s):
+        given = [k for k in ("controlnet", "control_scale") if getattr(s, k)]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags} need --control (a condition kind, e.g. --control canny, or a folder of maps)")
+        return
+    if cfg.NO_CONTROL in s.control:
+        raise ConfigError("--control none turns the condition off; do not combine it with other --control values")
+    for kind in s.control:
+        if kind not in KINDS and not Path(kind).exists():
+            raise ConfigError(f"--control {kind!r} is neither a condition kind ({', '.join(KINDS)}) nor an existing "
+                              "folder or video of maps")
+    if s.controlnet and len(s.controlnet) != len(s.control):
+        raise ConfigError(f"give one --controlnet per --control, paired in order: {len(s.control)} --control, "
+                          f"{len(s.controlnet)} --controlnet")
+    scales = control_scales(s)
+    if len(scales) not in (1, len(s.control)):
+        raise ConfigError(f"give one --control-scale for all, or one per --control: {len(s.control)} --control, "
+                          f"{len(scales)} --control-scale")
+    for v in scales:
+        check_scale(v, "--control-scale")
+    check_window(s.control_start, s.control_end)
+    if not 0 <= s.canny_low <= s.canny_high:
+        raise ConfigError(f"--canny-low must be between 0 and --canny-high, got {s.canny_low} and {s.canny_high}")
+    if "depth" in s.control and not s.depth_model:
+        raise ConfigError("--control depth needs --depth-model PATH_OR_ID (a transformers depth-estimation model "
+                          "folder, or an id in your Hugging Face cache)")
+
+
+def controlnet_sources(s: cfg.Settings) -> list[str]:
+    """The ControlNet of each `--control`: `--controlnet` in order, else the model's bundled net for that kind."""
+    if s.controlnet:
+        return list(s.controlnet)
+    bundled = cfg.bundled_controlnets(model_folder(s.model))
+    missing = [k for k in s.control if k not in bundled]
+    if missing:
+        have = f" (it bundles: {', '.join(sorted(bundled))})" if bundled else ""
+        raise ConfigError(f"the model bundles no ControlNet for --control {missing[0]!r}{have}; pass --controlnet "
+                          "PATH_OR_ID for it")
+    return [bundled[k] for k in s.control]
+
+
+def structure_control(s: cfg.Settings, pipe, frames):
+    """The settings' structure condition for the source `frames` (f, h, w, 3): `(StructureControl, [(label,
+    maps)])`, or `(None, [])` without `--control`."""
+    if not cfg.controlled(s):
+        return None, []
+    from .structure import build_control
+
+    return build_control(frames, s.control, controlnet_sources(s), control_scales(s), s.control_start,
+                         s.control_end, pipe.unet.unet.config, device=pipe.unet.device, dtype=pipe.unet.dtype,
+                         depth_model=s.depth_model, canny_thresholds=(s.canny_low, s.canny_high),
+                         maps_sampling={"stride": s.stride, "start": s.start})
+
+
+def _write_control_maps(made, out: Path, fps: float) -> list[str]:
+    from .video import write_mp4
+
+    (out / "control").mkdir(exist_ok=True)
+    names = []
+    for i, (label, maps) in enumerate(made, 1):
+        name = f"control/{i:02d}-{_slug(label)}.mp4"
+        write_mp4(maps, out / name, fps)
+        names.append(name)
+    return names
+
+
+def _control_record(s: cfg.Settings, control, files: list[str], command: str) -> dict:
+    record = {"control": list(s.control), "controlnet": controlnet_sources(s), **control.record(),
+              "tuning": s.control_tuning, "maps": files}
+    if command == cfg.EDIT:
+        record["inversion"] = s.control_inversion
+    return record
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -267,7 +359,7 @@ def configure(pipe, s: cfg.Settings) -> None:
 
 
 def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, record: dict,
-          report: Progress | None = None) -> None:
+          report: Progress | None = None, control=None) -> None:
     from .tuning import across_processes
 
     checkpoints = staging.path / "checkpoints"
@@ -280,6 +372,7 @@ def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, recor
             gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoints,
             checkpoint_every=s.checkpoint_every, resume=s.resume,
             callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
+            control=control if s.control_tuning else None,
         )
     staging.keep_on_interrupt = False
     timings["tune_s"] = round(result.seconds, 3)
@@ -365,12 +458,16 @@ def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, 
     if progress is not None:
         progress("load", 1, 1)
     record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
+    control, made = structure_control(s, pipe, video.frames)
     with Staging(final, s.resume) as staging:
+        if control is not None:
+            record["control"] = _control_record(s, control, _write_control_maps(made, staging.path, video.fps),
+                                                cfg.TUNE)
         shared = f", {world} processes" if world > 1 else ""
         say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
             f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device}{shared})")
         latents = pipe.encode_frames(video.frames)
-        _tune(s, pipe, latents, staging, timings, record, progress)  # checkpoints: rank 0's only
+        _tune(s, pipe, latents, staging, timings, record, progress, control)  # checkpoints: rank 0's only
         if rank == 0:
             pipe.save_adapter(staging.path / "adapter")  # `--adapter <out>` finds it there
             shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
@@ -425,9 +522,12 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
     record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
     record["windowing"]["processes"] = world
     p2p = check_control(s, pipe)
+    control, made = structure_control(s, pipe, video.frames)
     fps = s.fps or video.fps
     with Staging(final, s.resume) as staging, _Reporter(pipe, progress) as report:
         out = staging.path
+        if control is not None:
+            record["control"] = _control_record(s, control, _write_control_maps(made, out, fps), cfg.EDIT)
         latents = pipe.encode_frames(video.frames)
         if s.adapter:
             say(f"using adapter {s.adapter} (recipe {pipe.unet.recipe.name}); no tuning")
@@ -436,19 +536,20 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
             if s.steps:
                 say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
                     f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
-                _tune(s, pipe, latents, staging, timings, record, progress)
+                _tune(s, pipe, latents, staging, timings, record, progress, control)
                 broadcast_parameters([p for _, p in pipe.unet.trainable_parameters()])
             pipe.save_adapter(out / "adapter")
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             record["adapter"] = {"path": "adapter", "hash": pipe.adapter_hash(), "reused": False}
 
         t = time.perf_counter()
-        cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps)
+        inversion_control = control if s.control_inversion else None
+        cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps, inversion_control, s.strength)
         inverted = None
         if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
             report("inversion", 0, s.inference_steps)
             inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
-                                   strength=s.strength)
+                                   strength=s.strength, control=inversion_control)
             report("inversion", s.inference_steps, s.inference_steps)
         timings["invert_s"] = round(time.perf_counter() - t, 3)
         record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
@@ -470,7 +571,7 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
             report.stage = f"edit {i}/{len(s.target_prompt)}"
             report(report.stage, 0, _sampled_steps(s))
             stem = f"{i:02d}-{_slug(prompt)}"
-            frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem)
+            frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem, control)
             timings["edit_s"].append(round(time.perf_counter() - t, 3))
             write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
             write_gif(frames, out / "edits" / f"{stem}.gif", fps)
@@ -483,7 +584,8 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
         report("write", 0, 1)
         write_mp4(video.frames, out / "source.mp4", fps)
         write_gif(video.frames, out / "source.gif", fps)
-        grid = make_grid([video.frames, *edited], ["source: " + s.source_prompt, *s.target_prompt])
+        grid = make_grid([video.frames, *(m for _, m in made), *edited],
+                         ["source: " + s.source_prompt, *(f"control: {label}" for label, _ in made), *s.target_prompt])
         write_mp4(np.ascontiguousarray(grid), out / "grid.mp4", fps)
         write_gif(grid, out / "grid.gif", fps)
         timings["write_s"] = round(time.perf_counter() - t, 3)
@@ -498,18 +600,20 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
     return final
 
 
-def edit_one(s: cfg.Settings, pipe, latents, inverted, prompt: str, p2p, stem: Path):
+def edit_one(s: cfg.Settings, pipe, latents, inverted, prompt: str, p2p, stem: Path, control=None):
     """One target prompt -> (frames (f, h, w, 3) uint8, extra run.json entries of this edit).
 
     The one place an edit is made: plain DDIM sampling from the inverted `inverted` (x_T), or, with P2P
     control, structure-preserving injection, null-text inversion or --save-attention, a controlled edit
-    from the clean `latents` (the source branch denoised along).
+    from the clean `latents` (the source branch denoised along). `control`: the structure condition
+    (`structure_control`), on every branch of either.
     """
     injection = injection_config(s)
     if p2p is not None or s.null_text or s.save_attention or injection.active(_sampled_steps(s)):
-        return _controlled_edit(s, pipe, latents, prompt, p2p, injection, stem)
+        return _controlled_edit(s, pipe, latents, prompt, p2p, injection, stem, control)
     result = pipe(prompt, latents=inverted, negative_prompt=s.negative_prompt,
-                  num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale, **_sampling(s))
+                  num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale, control=control,
+                  **_sampling(s))
     return result.frames[0], {}
 
 
@@ -568,7 +672,7 @@ def check_control(s: cfg.Settings, pipe):
     return p2p
 
 
-def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, injection, stem: Path):
+def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, injection, stem: Path, control=None):
     """One edit with attention control, injection and/or null-text inversion -> (frames, run.json entries);
     the attention grid of --save-attention is written beside the edit."""
     from .control import controlled_edit, save_attention_grid, word_token_indices
@@ -577,7 +681,7 @@ def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, injection
                              injection=injection,
                              num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale,
                              negative_prompt=s.negative_prompt, record_attention=bool(s.save_attention),
-                             **_sampling(s))
+                             control=control, control_inversion=s.control_inversion, **_sampling(s))
     extra = {}
     if s.save_attention and any(word_token_indices(pipe.tokenizer, p, s.save_attention) for p in result.prompts):
         path = stem.with_name(f"{stem.name}.attention-{_slug(s.save_attention)}.png")

@@ -181,6 +181,7 @@ def tune(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     across_processes: bool | None = None,
+    control=None,
 ) -> TuningResult:
     """Tune `unet` (a VideoUNet) in place on `latents` `(b, c, f, h, w)` with text `(b, L, D)`.
 
@@ -192,6 +193,8 @@ def tune(
     (`accelerate launch --multi_gpu --num_processes N`), every process calls it with the same arguments and they
     share the micro-batches of every step (module docstring); rank 0's `resume` and `checkpoint_dir` decide, and
     only rank 0 writes checkpoints and shows a progress bar.
+    `control`: a structure condition (`ei2.structure.StructureControl`, maps of the video's frames) the UNet is
+    tuned under, so that the adapter learns what the controlled edit will give it; a clip gets its frames' maps.
     """
     config = config or TuningConfig()
     if latents.ndim != 5:
@@ -220,6 +223,8 @@ def tune(
     num_frames = latents.shape[2]
     window = config.window if config.window is not None and config.window < num_frames else None
     identity = tuning_identity(unet, latents, text_emb, names, window, micro_batches)
+    if control is not None:
+        identity["control"] = control.key()
     result = TuningResult(processes=world, micro_batches=micro_batches)
     if world > 1:  # every process starts from rank 0's tensors (as DDP does)
         for p in params:
@@ -258,7 +263,8 @@ def tune(
                 noise, timesteps = noise.to(device, clip.dtype), timesteps.to(device)
                 noisy = noise_scheduler.add_noise(clip, noise, timesteps)
                 with accelerator.autocast():
-                    prediction = unet(noisy, timesteps, text_emb).sample
+                    part = None if control is None else control.select_frames(slice(first, first + clip_frames))
+                    prediction = unet(noisy, timesteps, text_emb, control=part).sample
                 loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
                 loss_sum += loss.item()
                 accelerator.backward(loss)  # summed into .grad over this process's micro-batches
@@ -436,8 +442,8 @@ def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, gen
     path, meta, trainable, state = checkpoint["path"], checkpoint["meta"], checkpoint["trainable"], checkpoint["state"]
     opt_tensors = checkpoint["optimizer"]
     for key, label in (("recipe", "recipe"), ("base_fingerprint", "base model"), ("data", "video and prompt"),
-                       ("trainable", "trainable tensors"), ("window", "--window")):
-        if meta["identity"].get(key) != identity[key]:
+                       ("trainable", "trainable tensors"), ("window", "--window"), ("control", "structure condition")):
+        if meta["identity"].get(key) != identity.get(key):
             raise TuningError(
                 f"--resume: checkpoint {path} was made with another {label}; "
                 f"use the settings of the interrupted run or drop --resume"

@@ -206,7 +206,10 @@ class WindowedUNet:
     def __getattr__(self, name):
         return getattr(self.__dict__["video_unet"], name)
 
-    def __call__(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, return_dict=True):
+    def __call__(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, control=None,
+                 return_dict=True):
+        """`control` (a structure condition over the whole video's frames) is sliced like `sample`: each window,
+        and the anchor pass, gets the maps of its own frames."""
         b, _, f = sample.shape[:3]
         if f != self.num_frames:
             raise ValueError(f"windowed UNet made for {self.num_frames} frames got {f}")
@@ -216,20 +219,22 @@ class WindowedUNet:
         controllers = {id(c): c for c in (getattr(p, "controller", None) for p in processors)
                        if c is not None and hasattr(c, "step_maps")}
         controlled = any(hasattr(p, "editors") or hasattr(p, "controller") for p in processors)
-        per_call = 1 if controlled else self.windowing.batch  # controllers read one window's batch layout
+        # controllers read one window's batch layout; a structure condition gives each window its own maps
+        per_call = 1 if controlled or control is not None else self.windowing.batch
         # windows are shared out among processes, merged by all_reduce; not under autograd (null-text
         # inversion), where every process runs every window so that gradients are whole
         rank, world = (0, 1) if torch.is_grad_enabled() else _distributed()
         mine = [k for k in range(len(self.starts)) if k % world == rank]
 
-        def run(x, t, text):
-            return unet(x, t, text, cross_attention_kwargs=cross_attention_kwargs).sample
+        def run(x, t, text, frames):
+            part = None if control is None else control.select_frames(frames)
+            return unet(x, t, text, cross_attention_kwargs=cross_attention_kwargs, control=part).sample
 
         # 1. Anchors: their coarse keys/values at every FFAM layer, for this step (their output is not used)
         context.anchor_tokens = {}
         if self.anchors:
             with anchor_mode(context, "record"):
-                run(sample[:, :, self.anchors], timestep, encoder_hidden_states)
+                run(sample[:, :, self.anchors], timestep, encoder_hidden_states, self.anchors)
             for c in controllers.values():
                 c.step_maps = {}  # the anchor pass is not a step of the video: its maps are not kept
         # 2. Every window (stacked `per_call` at a time in the batch), merged with weights summing to 1 per frame
@@ -243,7 +248,8 @@ class WindowedUNet:
                 x = torch.cat([sample[:, :, self.starts[k] : self.starts[k] + w] for k in group])  # (n b) c w h w
                 t = timestep.repeat(n) if timestep.ndim == 1 and timestep.shape[0] == b else timestep
                 with anchor_mode(context, "attend" if self.anchors else None):
-                    eps = run(x, t, encoder_hidden_states.repeat(n, 1, 1))
+                    eps = run(x, t, encoder_hidden_states.repeat(n, 1, 1),
+                              slice(self.starts[group[0]], self.starts[group[0]] + w))  # one window when controlled
                 eps = rearrange(eps.float(), "(n b) c w h v -> n b c w h v", n=n)
                 if out is None:
                     out = sample.new_zeros((b, *eps.shape[2:3], f, *eps.shape[4:]), dtype=torch.float32)

@@ -67,25 +67,29 @@ def job_settings(job: Job, prompts: list[str]):
 
     values = {k: v for k, v in job.settings.items() if k not in BENCH_ONLY}
     values["cross_replace"] = [] if values.get("cross_replace") is None else [str(values["cross_replace"])]
+    values["control"] = [] if values.get("control") is None else [values["control"]]
+    values["control_scale"] = [] if values.get("control") is None else [str(values.get("control_scale", 1.0))]
     values.update(source_prompt=job.video.source_prompt, target_prompt=list(prompts), seed=job.seed, quiet=True)
     settings = cfg.Settings(**values)
     settings.explicit = frozenset(values)
     return settings
 
 
-def edit_frames(settings, pipe, latents, edits_dir: Path) -> list:
+def edit_frames(settings, pipe, latents, edits_dir: Path, control=None) -> list:
     """Invert once, then edit every target prompt with `ei2.runs.edit_one`, the function `ei2 edit` uses (with the
-    settings' Prompt-to-Prompt control, checked against the prompts as `ei2 edit` checks it)."""
+    settings' Prompt-to-Prompt control, checked against the prompts as `ei2 edit` checks it, and the structure
+    condition `control`, on during inversion as `ei2 edit` has it)."""
     from .. import runs
 
     p2p = runs.check_control(settings, pipe)
     inverted = None
     if not settings.null_text:
         inverted = pipe.invert(latents=latents, prompt=settings.source_prompt,
-                               num_inference_steps=settings.inference_steps, strength=settings.strength)
+                               num_inference_steps=settings.inference_steps, strength=settings.strength,
+                               control=control if settings.control_inversion else None)
     out = []
     for i, prompt in enumerate(settings.target_prompt, 1):
-        frames, _ = runs.edit_one(settings, pipe, latents, inverted, prompt, p2p, edits_dir / f"{i:02d}")
+        frames, _ = runs.edit_one(settings, pipe, latents, inverted, prompt, p2p, edits_dir / f"{i:02d}", control)
         out.append(frames)
     return out
 
@@ -129,16 +133,18 @@ class Runner:
         torch.manual_seed(job.seed)
         latents = pipe.encode_frames(frames)
         timings["load_s"] = time.perf_counter() - t0
+        control, _ = runs.structure_control(settings, pipe, frames)
         losses = []
         if s["steps"]:
             t = time.perf_counter()
             result = pipe.tune(latents=latents, source_prompt=job.video.source_prompt, steps=s["steps"],
-                               learning_rate=s["lr"], seed=job.seed, gradient_checkpointing=s["gradient_checkpointing"])
+                               learning_rate=s["lr"], seed=job.seed, gradient_checkpointing=s["gradient_checkpointing"],
+                               control=control if settings.control_tuning else None)
             losses = result.losses
             timings["tune_s"] = time.perf_counter() - t
         t = time.perf_counter()
         prompts = settings.target_prompt
-        edited = edit_frames(settings, pipe, latents, partial / "edits")  # as `ei2 edit` does
+        edited = edit_frames(settings, pipe, latents, partial / "edits", control)  # as `ei2 edit` does
         timings["edit_s"] = time.perf_counter() - t
         t = time.perf_counter()
         rows = evaluate_edits(list(zip(prompts, edited)), frames, job.video.source_prompt, self.spec.metrics,

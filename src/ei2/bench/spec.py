@@ -59,6 +59,10 @@ SETTINGS = {
     # words, the self-replace fraction (`--p2p`, `--cross-replace`, `--self-replace`); the word swap of each edit
     # comes from its prompts
     "p2p": str, "cross_replace": float, "self_replace": float,
+    # a structure condition (DESIGN §1.12): one kind (or null: none) through the model's bundled ControlNet, its
+    # scale and window, and whether it is on during inversion and tuning (`--control`, `--control-scale`, ...)
+    "control": str, "control_scale": float, "control_start": float, "control_end": float,
+    "control_inversion": bool, "control_tuning": bool,
 }
 BENCH_ONLY = {"size": None}  # settings of the benchmark alone (`ei2 edit` has --width/--height)
 VIDEO_SETTINGS = ("frames", "stride", "start", "size")  # which frames are edited: the same for every column
@@ -66,22 +70,25 @@ EDIT_DEFAULTS = "edit"  # a recipe entry with `defaults: edit` runs as `ei2 edit
 LOWEST = {"frames": 2, "stride": 1, "start": 0, "steps": 0, "inference_steps": 1}
 
 
-def edit_defaults(model: str | None, p2p: str | None = None) -> dict:
+def edit_defaults(model: str | None, p2p: str | None = None, control: str | None = None) -> dict:
     """The value of every setting that `ei2 edit` would use for `model` (None: the embedded Shapes model), without
-    or with `--p2p` (whose edits do not take the model's injection and strength: `config.apply_model_defaults`)."""
+    or with `--p2p` (whose edits do not take the model's injection and strength: `config.apply_model_defaults`),
+    without or with `--control` (a plain controlled edit takes the model's controlled-edit defaults)."""
     from .. import config as cfg
     from ..runs import model_folder
 
-    settings = cfg.defaults_for(model_folder(model), cfg.EDIT, p2p)
+    settings = cfg.defaults_for(model_folder(model), cfg.EDIT, p2p, [control] if control else None)
     out = {**BENCH_ONLY, **{k: getattr(settings, k) for k in SETTINGS if k not in BENCH_ONLY}}
     out["cross_replace"] = None  # `ei2 edit`'s [] (P2PConfig's default)
+    out["control"] = control
+    out["control_scale"] = 1.0  # `ei2 edit`'s [] (StructureControl's default)
     return out
 
 
 def resolve_settings(model: str | None, given: dict) -> dict:
     """Every setting of a job: those given (by the spec's settings, its quick section, the recipe entry), the rest
     `ei2 edit`'s defaults for the model, exactly as the CLI resolves a command line that gives the same options."""
-    return {**edit_defaults(model, given.get("p2p")), **given}
+    return {**edit_defaults(model, given.get("p2p"), given.get("control")), **given}
 
 
 TOP_KEYS = ("name", "model", "clip_model", "metrics", "settings", "recipes", "seeds", "videos", "quick")
@@ -221,7 +228,7 @@ def _settings(where: str, values, base: dict) -> dict:
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, str))
-        if value is None and key not in ("size", "p2p", "cross_replace", "self_replace"):
+        if value is None and key not in ("size", "p2p", "cross_replace", "self_replace", "control"):
             raise ConfigError(f"{where}: {key!r} needs a value")
         if value is not None and not ok:
             raise ConfigError(f"{where}: {key!r} must be {kind.__name__}, got {value!r}")

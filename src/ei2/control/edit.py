@@ -67,20 +67,22 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
                      negative_prompt: str | None = None, num_inner_steps: int = NULL_TEXT_INNER_STEPS,
                      learning_rate: float = NULL_TEXT_LEARNING_RATE,
                      early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
-                     use_cache: bool = True, start: int = 0) -> NullTextInversion:
+                     use_cache: bool = True, start: int = 0, control=None) -> NullTextInversion:
     """Null-text inversion of clean latents (1, c, f, h, w) on `pipe`'s UNet, starting from the embedding of
     `negative_prompt` (default ""), of the steps from grid index `start` on (an edit strength); its DDIM
-    trajectory is the pipeline's cached one; cached beside the pipeline's DDIM inversions."""
+    trajectory is the pipeline's cached one; cached beside the pipeline's DDIM inversions. `control`: a structure
+    condition bound to the steps that run (`pipe.bind_control`), on for the trajectory and the optimisation."""
     if getattr(pipe, "null_text_cache", None) is None:
         pipe.null_text_cache = NullTextCache(getattr(pipe.inversion_cache, "directory", None))
     latents = latents.to(pipe.unet.device, torch.float32)
+    control_key = control.key() if control is not None else ""
     key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), num_inference_steps, prompt, guidance_scale,
-                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}{_windowing_key(pipe, latents)}|start={start}")
+                        num_inner_steps, learning_rate, early_stop_epsilon, extra=f"{pipe.mixed_precision}|{negative_prompt or ''}{_windowing_key(pipe, latents)}|start={start}|{control_key}")
     cached = pipe.null_text_cache.get(key) if use_cache else None
     if cached is not None:
         return cached
     trajectory = pipe.invert_trajectory(latents=latents, prompt=prompt, num_inference_steps=num_inference_steps,
-                                        use_cache=use_cache)
+                                        use_cache=use_cache, control=control)
     with pipe.autocast():
         result = null_text_inversion(
             _denoiser(pipe, latents), pipe.ddim_scheduler(), latents, pipe.encode_prompt(prompt),
@@ -89,7 +91,7 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, num_inference_ste
             guidance_scale=guidance_scale, num_inner_steps=num_inner_steps, learning_rate=learning_rate,
             early_stop_epsilon=early_stop_epsilon,
             progress=functools.partial(pipe.progress_bar, desc="null-text inversion"),
-            start=start, trajectory=trajectory,
+            start=start, trajectory=trajectory, model_inputs=None if control is None else {"control": control},
         )
     result = NullTextInversion(result.latents.float(), result.uncond_embeddings.float())
     if use_cache:
@@ -116,11 +118,14 @@ def controlled_edit(
     strength: float = STRENGTH,
     guidance_rescale: float = GUIDANCE_RESCALE,
     guidance_rescale_std: str = GUIDANCE_RESCALE_STD,
+    control=None,
+    control_inversion: bool = True,
 ) -> ControlledEdit:
     """Edit clean source latents (1, c, f, h, w) into each target prompt; see the module docstring.
 
     `strength` < 1: only the last `int(num_inference_steps * strength)` steps run, from the inversion's latent
-    at that level; the P2P and injection fractions count those steps."""
+    at that level; the P2P and injection fractions count those steps. `control`: a structure condition
+    (`ei2.structure.StructureControl`) on every branch, and on the inversion unless `control_inversion=False`."""
     # 1. Check inputs: a bad P2P option fails here, before any inversion
     targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
     if latents.ndim != 5 or latents.shape[0] != 1:
@@ -141,16 +146,21 @@ def controlled_edit(
     shared_source = injects and controller is None and not null_text
     feature_injection = FeatureInjection(injection, len(prompts), run, shared_source) if injects else None
     device = pipe.unet.device
+    if control is not None:
+        pipe.check_control(control, latents)
+        control = pipe.bind_control(control, num_inference_steps, strength)
+    inversion_control = control if control_inversion else None
 
     # 2. Invert: null-text (per-step unconditional embeddings) or DDIM with the fixed negative/empty prompt
     if null_text:
         inverted = null_text_invert(pipe, latents, source_prompt, num_inference_steps, guidance_scale, negative_prompt,
-                                    null_text_inner_steps, null_text_learning_rate, start=start)
+                                    null_text_inner_steps, null_text_learning_rate, start=start,
+                                    control=inversion_control)
         x_t, uncond = inverted.latents, inverted.uncond_embeddings
     else:
         uncond = pipe.encode_prompt(negative_prompt or "")
         x_t = pipe.invert(latents=latents, prompt=source_prompt, num_inference_steps=num_inference_steps,
-                          strength=strength)
+                          strength=strength, control=inversion_control)
 
     # 3. Denoise all branches together (source first with p2p or injection)
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
@@ -160,6 +170,7 @@ def controlled_edit(
             guidance_scale=guidance_scale, uncond_emb=uncond.to(device), controller=controller,
             progress=functools.partial(pipe.progress_bar, desc="editing"), injection=feature_injection,
             start=start, guidance_rescale=guidance_rescale, guidance_rescale_std=guidance_rescale_std,
+            model_inputs=None if control is None else {"control": control},
         )
     out = out.float()
     if with_source and out.shape[0] == len(targets):  # the source branch left after its last injecting step

@@ -54,6 +54,7 @@ def null_text_inversion(
     progress: Callable | None = default_progress,
     start: int = 0,
     trajectory: torch.Tensor | None = None,
+    model_inputs: dict | None = None,
 ) -> NullTextInversion:
     """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D).
 
@@ -63,12 +64,14 @@ def null_text_inversion(
     steps from there are optimised, and `result.latents` is the inversion's latent at that level.
     `trajectory`: the DDIM inversion trajectory of `latents` if already known (`ddim_inversion_trajectory`).
     `progress(total=n)`: a progress-bar factory (None: no bar); its bar counts inner iterations.
+    `model_inputs`: the UNet's other inputs (`ei2.inversion.model_output`), e.g. a structure condition.
     """
     if num_inner_steps < 1:
         raise ValueError(f"num_inner_steps must be at least 1, got {num_inner_steps}")
     kind = prediction_type(scheduler)
     if trajectory is None:
-        trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps)
+        trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps,
+                                               model_inputs=model_inputs)
     steps = timesteps(scheduler, num_inference_steps, latents.device)
     n = len(steps)
     if len(trajectory) != n + 1:
@@ -91,13 +94,14 @@ def null_text_inversion(
             alpha_t = alpha(scheduler, t, x.device)
             alpha_next = alpha(scheduler, steps[i + 1] if i + 1 < n else None, x.device)
             with torch.no_grad():
-                out_cond = model_output(unet, x, t, text_emb)
+                out_cond = model_output(unet, x, t, text_emb, model_inputs=model_inputs)
             uncond = uncond.detach().requires_grad_(True)
             optimizer = torch.optim.Adam([uncond], lr=learning_rate * (1.0 - i / (2 * n)))
             done = 0
             for _ in range(num_inner_steps):
                 with torch.enable_grad():
-                    out_uncond = model_output(unet, x, t, uncond.to(text_emb.dtype).expand_as(text_emb))
+                    out_uncond = model_output(unet, x, t, uncond.to(text_emb.dtype).expand_as(text_emb),
+                                              model_inputs=model_inputs)
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)
                     loss = F.mse_loss(ddim_move(out, x, alpha_t, alpha_next, kind).float(), target.float())
                     optimizer.zero_grad()
@@ -117,7 +121,7 @@ def null_text_inversion(
             uncond = uncond.detach()
             optimised.append(uncond.clone())
             with torch.no_grad():
-                out = model_output(unet, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale)
+                out = model_output(unet, x, t, text_emb, uncond.to(text_emb.dtype), guidance_scale, model_inputs)
                 x = ddim_move(out, x, alpha_t, alpha_next, kind)
     finally:
         for p, flag in flags:

@@ -37,6 +37,7 @@ def controlled_sample(
     start: int = 0,
     guidance_rescale: float = GUIDANCE_RESCALE,
     guidance_rescale_std: str = GUIDANCE_RESCALE_STD,
+    model_inputs: dict | None = None,
 ) -> torch.Tensor:
     """DDIM sampling (eta = 0) of `latents` (p, c, f, h, w) under `text_emb` (p, L, D), source first.
 
@@ -44,9 +45,11 @@ def controlled_sample(
     `AttentionStore` or an edit controller; `injection`: a `FeatureInjection`. Each is reset, installed
     for the loop and removed after. `callback(i, t, latents) -> latents | None` runs after their step callbacks.
     `start`, `guidance_rescale`, `guidance_rescale_std`: as in `ei2.inversion.ddim_sample` (the controller and the
-    injection count the steps that run).
+    injection count the steps that run). `model_inputs`: the UNet's other inputs (a structure condition), every
+    branch under them.
     """
-    options = dict(start=start, guidance_rescale=guidance_rescale, rescale_std=guidance_rescale_std)
+    options = dict(start=start, guidance_rescale=guidance_rescale, rescale_std=guidance_rescale_std,
+                   model_inputs=model_inputs)
     if controller is None and injection is None:
         return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
                            progress, callback, **options)

@@ -309,7 +309,13 @@ class VideoUNet(ModelMixin, ConfigMixin):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                cross_attention_kwargs: dict | None = None, return_dict: bool = True):
+                cross_attention_kwargs: dict | None = None, control=None,
+                down_block_additional_residuals: tuple | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None, return_dict: bool = True):
+        """`control`: a structure condition (`ei2.structure.StructureControl`), called on the folded frames for
+        ControlNet residuals; `down_block_additional_residuals` / `mid_block_additional_residual`: residuals
+        already computed, in the `(b f)` layout a 2D ControlNet returns for frames folded into the batch (as
+        diffusers' `UNetMotionModel` takes them). Both may be given: they add."""
         if sample.ndim != 5:
             raise ValueError(f"sample must be (b, c, f, h, w), got shape {tuple(sample.shape)}")
         b, _, f, h, w = sample.shape
@@ -319,12 +325,19 @@ class VideoUNet(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=sample.device)
         if timestep.ndim == 1 and timestep.shape[0] == b:
             timestep = timestep.repeat_interleave(f)  # (b f)
+        folded = rearrange(sample, "b c f h w -> (b f) c h w")
+        text = encoder_hidden_states.repeat_interleave(f, dim=0)  # (b f) L D
+        residuals = control(folded, timestep, text) if control is not None else None
+        if residuals is not None and down_block_additional_residuals is not None:
+            residuals = ([a + r for a, r in zip(down_block_additional_residuals, residuals[0])],
+                         mid_block_additional_residual + residuals[1])
+        elif residuals is None and down_block_additional_residuals is not None:
+            residuals = (down_block_additional_residuals, mid_block_additional_residual)
+        down, mid = residuals if residuals is not None else (None, None)
         out = self.unet(
-            rearrange(sample, "b c f h w -> (b f) c h w"),
-            timestep,
-            encoder_hidden_states.repeat_interleave(f, dim=0),  # (b f) L D
-            cross_attention_kwargs=cross_attention_kwargs,
-            return_dict=False,
+            folded, timestep, text, cross_attention_kwargs=cross_attention_kwargs,
+            down_block_additional_residuals=None if down is None else tuple(down),
+            mid_block_additional_residual=mid, return_dict=False,
         )[0]
         out = rearrange(out, "(b f) c h w -> b c f h w", f=f)
         return VideoUNetOutput(sample=out) if return_dict else (out,)

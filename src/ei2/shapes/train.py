@@ -3,6 +3,7 @@
     python -m ei2.shapes.train clip   [--device cuda|cpu] [--steps N] [--resume]
     python -m ei2.shapes.train vae    ...
     python -m ei2.shapes.train unet   ...       # needs the CLIP (text tower, frozen) and the VAE
+    python -m ei2.shapes.train controlnet --condition canny   # a ControlNet for the shipped UNet (frozen)
     python -m ei2.shapes.train export           # assemble assets/shapes-sd from the trained parts
     python -m ei2.shapes.train all    ...       # clip, vae, unet, export
 
@@ -56,6 +57,9 @@ class StageConfig:
     prediction_type: str = "epsilon"
     zero_snr: bool = False
     offset_noise: float = 0.0
+    # ControlNet only (issue 26): the structure map it reads (ei2.structure.maps) and the share of empty prompts
+    condition: str = ""
+    empty_prompts: float = 0.3
 
 
 # Sized for a 2-core CPU (a few hours in all) and for one GPU (minutes).
@@ -64,11 +68,13 @@ DEFAULTS = {
         "clip": StageConfig(steps=3000, batch_size=128, lr=5e-4),
         "vae": StageConfig(steps=4000, batch_size=32, lr=1e-3),
         "unet": StageConfig(steps=15000, batch_size=64, lr=5e-4),
+        "controlnet": StageConfig(steps=4000, batch_size=64, lr=3e-4, warmup=100, pool=20_000),
     },
     "cuda": {
         "clip": StageConfig(steps=3000, batch_size=1024, lr=1e-3, pool=400_000),
         "vae": StageConfig(steps=5000, batch_size=256, lr=1e-3, pool=400_000),
         "unet": StageConfig(steps=20000, batch_size=512, lr=1e-3, pool=400_000),
+        "controlnet": StageConfig(steps=4000, batch_size=256, lr=3e-4, warmup=100, pool=100_000),
     },
 }
 CAPTION_DROPOUT = 0.1  # share of empty prompts, for classifier-free guidance
@@ -455,7 +461,96 @@ class UnetStage(Stage):
                 "zero_snr": self.cfg.zero_snr, "offset_noise": self.cfg.offset_noise}
 
 
-STAGES = {"clip": ClipStage, "vae": VaeStage, "unet": UnetStage}
+CONTROLNET_EMBEDDING = (16, 32, 64)  # the condition's embedding: two stride-2 convs, the Shapes VAE's factor 4
+
+
+class ControlNetStage(Stage):
+    """A diffusers ControlNetModel made from the shipped Shapes UNet (`ControlNetModel.from_unet`, zero convs at
+    zero), trained with that UNet frozen: epsilon loss of UNet + ControlNet residuals on VAE latents of renders,
+    conditioned on the renders' structure maps (`ei2.structure.maps`), 30% empty prompts."""
+
+    name = "controlnet"
+
+    def __init__(self, cfg, device, seed, workers):
+        super().__init__(cfg, device, seed, workers)
+        self.dir = WORK / f"controlnet-{cfg.condition}"
+
+    def build(self):
+        from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from ..structure import maps
+
+        sd = ASSETS / "shapes-sd"
+        tokenizer = load_tokenizer(sd / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(str(sd), subfolder="text_encoder").to(self.device).eval()
+        vae = AutoencoderKL.from_pretrained(str(sd), subfolder="vae").to(self.device).eval()
+        self.unet = UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet").to(self.device).eval()
+        self.unet.requires_grad_(False)
+        self.scale = vae.config.scaling_factor
+        ids, _ = caption_table(tokenizer)
+        with torch.no_grad():
+            self.text = torch.cat([text_encoder(input_ids=b.to(self.device)).last_hidden_state for b in ids.split(256)])
+        self.empty = len(self.text) - 1
+        images, labels = make_pool(self.cfg.pool, self.seed + 3, self.workers)
+        self.cond = torch.from_numpy(maps.compute(self.cfg.condition, images.numpy())[..., 0].copy())  # (n, h, w) uint8
+        self.cond = self.cond.to(self.device)
+        means, stds = [], []
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for b in images.split(2048):
+                d = vae.encode(to_pixels(b.to(self.device))).latent_dist
+                means.append(d.mean.float())
+                stds.append(d.std.float())
+        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        self.labels = labels.to(self.device)
+        del text_encoder, vae
+        self.alphas = models.make_train_scheduler().alphas_cumprod.to(self.device)
+        return ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING)
+
+    def loss(self, step, gen):
+        dev, b = self.device, self.cfg.batch_size
+        idx = torch.randint(len(self.lat_mean), (b,), device=dev, generator=gen)
+        z0 = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, device=dev, generator=gen)) * self.scale
+        option = torch.randint(1, len(MOTION_OPTIONS), (b,), device=dev, generator=gen)
+        option = torch.where(torch.rand(b, device=dev, generator=gen) < MOTION_SHARE, option, 0)
+        cap = option * NUM_CLASSES + self.labels[idx]
+        cap = torch.where(torch.rand(b, device=dev, generator=gen) < self.cfg.empty_prompts, self.empty, cap)
+        t = torch.randint(0, len(self.alphas), (b,), device=dev, generator=gen)
+        noise = torch.randn(z0.shape, device=dev, generator=gen)
+        a = self.alphas[t].view(b, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        text = self.text[cap]
+        cond = self.cond[idx].float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+        down, mid = self.model(zt, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+        pred = self.unet(zt, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        return F.mse_loss(pred.float(), noise)
+
+    def final_config(self):
+        return {"controlnet_config": dict(self.model.config), "condition": self.cfg.condition,
+                "empty_prompts": self.cfg.empty_prompts}
+
+
+STAGES = {"clip": ClipStage, "vae": VaeStage, "unet": UnetStage, "controlnet": ControlNetStage}
+ALL_STAGES = ("clip", "vae", "unet")  # `all`: the model itself; ControlNets are trained on the shipped model after
+
+
+def export_controlnet(condition: str, assets: Path = ASSETS) -> Path:
+    """Write assets/shapes-sd/controlnet-<condition>/ (a diffusers ControlNetModel folder, safetensors) from
+    work_shapes/controlnet-<condition>/final.*."""
+    from diffusers import ControlNetModel
+
+    part = WORK / f"controlnet-{condition}"
+    if not (part / "final.safetensors").exists():
+        raise FileNotFoundError(f"{part / 'final.safetensors'} is missing; run "
+                                f"`python -m ei2.shapes.train controlnet --condition {condition}` first")
+    meta = json.loads((part / "final.json").read_text())
+    net = ControlNetModel.from_config(meta["controlnet_config"])
+    net.load_state_dict(load_file(str(part / "final.safetensors")))
+    target = assets / "shapes-sd" / f"controlnet-{condition}"
+    _atomic_dir(target, lambda d: net.eval().save_pretrained(str(d), safe_serialization=True))
+    print(f"wrote {target} (step {meta['step']})")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +620,7 @@ def export(assets: Path = ASSETS) -> None:
 def main(argv: list[str] | None = None) -> int:
     global WORK
     parser = argparse.ArgumentParser(prog="python -m ei2.shapes.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=[*STAGES, "export", "all"])
+    parser.add_argument("stage", choices=[*STAGES, "export", "export-controlnet", "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--steps", type=int, help="training steps of the stage (default: sized for the device)")
     parser.add_argument("--batch-size", type=int)
@@ -540,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="unet: what the UNet predicts (default epsilon)")
     parser.add_argument("--zero-snr", action="store_true", help="unet: SD's schedule rescaled to zero terminal SNR (needs v_prediction)")
     parser.add_argument("--offset-noise", type=float, help="unet: std of a per-channel constant added to the noise (e.g. 0.05)")
+    parser.add_argument("--condition", default="canny", help="controlnet: the structure map it learns (canny, softedge)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the training images")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--work", default=str(WORK), help="folder of checkpoints and logs (default work_shapes)")
@@ -553,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    stages = list(STAGES) if args.stage == "all" else [args.stage] if args.stage != "export" else []
+    stages = list(ALL_STAGES) if args.stage == "all" else [args.stage] if args.stage in STAGES else []
     for name in stages:
         cfg = DEFAULTS[args.device][name]
         overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "pool") if getattr(args, k) is not None}
@@ -564,12 +660,20 @@ def main(argv: list[str] | None = None) -> int:
                 models.schedule(overrides.get("prediction_type", "epsilon"), args.zero_snr)
             except ValueError as e:  # epsilon + zero SNR
                 parser.error(str(e))
+        if name == "controlnet":
+            from ..structure.maps import KINDS
+
+            if args.condition not in KINDS or args.condition == "depth":
+                parser.error(f"--condition must be canny or softedge (maps computed without weights), not {args.condition!r}")
+            overrides["condition"] = args.condition
         cfg = replace(cfg, **overrides)
         print(f"[{name}] {cfg} on {args.device}", flush=True)
         STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(
             args.resume, args.max_minutes, init=args.init, stop_minutes=args.stop_minutes)
     if args.stage in ("export", "all"):
         export(Path(args.assets))
+    if args.stage == "export-controlnet":
+        export_controlnet(args.condition, Path(args.assets))
     return 0
 
 

@@ -1,0 +1,229 @@
+"""Structure conditions (DESIGN §1.12) against independent references: the 2D UNet + ControlNet frame by frame,
+OpenCV called directly, closed-form edge values, the naive per-window loop, the uncontrolled run bit for bit."""
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from ei2 import Recipe, VideoUNet
+from ei2.errors import ConfigError, ModelError
+from ei2.structure import maps as M
+from ei2.structure.controlnet import StructureControl, check_fits
+
+torch.set_num_threads(1)
+
+
+def tiny_unet(seed=0, cross=16):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=cross, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+
+
+def tiny_controlnet(unet, seed=5):
+    """ControlNet.from_unet, with its zero convolutions made non-zero (else every residual is 0 and a test of
+    where residuals go could not fail)."""
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name \
+                    or "conv_out" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.fixture(scope="module")
+def parts():
+    unet = tiny_unet()
+    return unet, tiny_controlnet(unet)
+
+
+def inputs(f=4, b=2, h=8, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, f, h, w, generator=g)
+    text = torch.randn(b, 7, 16, generator=g)
+    maps = torch.rand(f, 3, 2 * h, 2 * w, generator=g)  # the condition embedding halves once
+    return x, text, maps
+
+
+def test_controlled_video_unet_equals_2d_unet_plus_controlnet_frame_by_frame(parts):
+    unet, net = parts
+    vu = VideoUNet.from_2d(unet, Recipe("self+stam", frame_attention="self", temporal="stam", group_norm="frame"))
+    x, text, maps = inputs()
+    control = StructureControl.make([net], [maps], 0.7)
+    with torch.no_grad():
+        got = vu(x, 10, text, control=control).sample
+        plain = vu(x, 10, text).sample
+        want = torch.empty_like(got)
+        for b in range(x.shape[0]):
+            for i in range(x.shape[2]):
+                d, m = net(x[b:b + 1, :, i], 10, text[b:b + 1], controlnet_cond=maps[i:i + 1], conditioning_scale=0.7,
+                           return_dict=False)
+                want[b, :, i] = unet(x[b:b + 1, :, i], 10, text[b:b + 1], down_block_additional_residuals=d,
+                                     mid_block_additional_residual=m).sample[0]
+    assert (got - want).abs().max() <= 1e-5
+    assert (got - plain).abs().max() > 1e-2  # the condition changes the output (the test can fail)
+
+
+def test_residuals_given_directly_equal_the_control(parts):
+    unet, net = parts
+    vu = VideoUNet.from_2d(unet, "ei2")
+    x, text, maps = inputs()
+    control = StructureControl.make([net], [maps], 1.0)
+    with torch.no_grad():
+        folded = x.transpose(1, 2).reshape(-1, 4, *x.shape[3:])
+        d, m = net(folded, 10, text.repeat_interleave(x.shape[2], 0), controlnet_cond=maps.repeat(2, 1, 1, 1),
+                   return_dict=False)
+        a = vu(x, 10, text, down_block_additional_residuals=d, mid_block_additional_residual=m).sample
+        b = vu(x, 10, text, control=control).sample
+    assert torch.equal(a, b)
+
+
+def test_scale_zero_and_outside_the_window_is_the_uncontrolled_unet_bit_for_bit(parts):
+    unet, net = parts
+    vu = VideoUNet.from_2d(unet, "ei2")
+    x, text, maps = inputs()
+    with torch.no_grad():
+        plain = vu(x, 10, text).sample
+        zero = vu(x, 10, text, control=StructureControl.make([net], [maps], 0.0)).sample
+        windowed = StructureControl.make([net], [maps], 1.0, start=0.5, end=1.0).for_steps([901, 601, 301, 1])
+        early = vu(x, 901, text, control=windowed).sample
+        late = vu(x, 301, text, control=windowed).sample
+        late_always = vu(x, 301, text, control=StructureControl.make([net], [maps], 1.0)).sample
+        early_plain = vu(x, 901, text).sample
+    assert torch.equal(plain, zero)
+    assert torch.equal(early, early_plain)  # step 0 of 4 is before the window
+    assert torch.equal(late, late_always)  # step 2 of 4 is inside it
+
+
+def test_two_nets_add_their_residuals(parts):
+    unet, net = parts
+    net2 = tiny_controlnet(unet, seed=9)
+    vu = VideoUNet.from_2d(unet, Recipe("self", frame_attention="self", temporal="none", group_norm="frame"))
+    x, text, maps = inputs()
+    maps2 = maps.flip(-1)
+    both = StructureControl.make([net, net2], [maps, maps2], [0.5, 1.5])
+    with torch.no_grad():
+        folded = x.transpose(1, 2).reshape(-1, 4, *x.shape[3:])
+        t2 = text.repeat_interleave(x.shape[2], 0)
+        d1, m1 = net(folded, 10, t2, controlnet_cond=maps.repeat(2, 1, 1, 1), conditioning_scale=0.5, return_dict=False)
+        d2, m2 = net2(folded, 10, t2, controlnet_cond=maps2.repeat(2, 1, 1, 1), conditioning_scale=1.5, return_dict=False)
+        want = vu(x, 10, text, down_block_additional_residuals=[a + b for a, b in zip(d1, d2)],
+                  mid_block_additional_residual=m1 + m2).sample
+        got = vu(x, 10, text, control=both).sample
+    assert (got - want).abs().max() <= 1e-6
+
+
+def test_windowed_unet_with_a_condition_equals_the_naive_window_loop(parts):
+    from ei2.windows import Windowing, WindowedUNet
+
+    unet, net = parts
+    vu = VideoUNet.from_2d(unet, Recipe("sc", frame_attention="sparse-causal", temporal="stam"))
+    x, text, maps = inputs(f=6, b=1)
+    control = StructureControl.make([net], [maps], 1.0)
+    windowed = WindowedUNet(vu, Windowing(4, 2, anchors=0), 6)
+    with torch.no_grad():
+        got = windowed(x, 10, text, control=control).sample
+        # naive: windows at 0 and 2; triangular weights min(j + 1, w - j), normalised per frame
+        ramp = torch.tensor([1.0, 2.0, 2.0, 1.0])
+        acc, norm = torch.zeros_like(got), torch.zeros(6)
+        for s in (0, 2):
+            out = vu(x[:, :, s:s + 4], 10, text, control=control.select_frames(slice(s, s + 4))).sample
+            acc[:, :, s:s + 4] += out * ramp[None, None, :, None, None]
+            norm[s:s + 4] += ramp
+        want = acc / norm[None, None, :, None, None]
+    assert (got - want).abs().max() <= 1e-5
+
+
+# ---- maps ------------------------------------------------------------------------------------------
+def test_canny_is_opencv_canny_of_each_frame():
+    import cv2
+
+    from conftest import moving_square
+
+    frames = moving_square(3)
+    got = M.canny(frames, 30, 90)
+    for f, g in zip(frames, got):
+        want = cv2.Canny(f, 30, 90)
+        assert np.array_equal(g[..., 0], want) and np.array_equal(g[..., 1], want) and np.array_equal(g[..., 2], want)
+    assert got.max() == 255  # there are edges
+
+
+def test_softedge_closed_form_on_a_step_and_a_flat_frame():
+    frames = np.zeros((2, 32, 32, 3), np.uint8)
+    frames[0, :, 16:] = 255  # a full-contrast vertical step: the unit of the map
+    frames[1] = 77  # flat: no edge anywhere
+    got = M.softedge(frames)
+    assert got[0, 16, 15:17, 0].max() == 255  # the step's centre reads 1
+    assert got[0, :, :8].max() == 0 and got[0, :, 26:].max() == 0  # far from the edge: 0
+    assert got[1].max() == 0
+    half = frames.copy()
+    half[0, :, 16:] = 128  # half the contrast: half the value (fixed scale, no per-frame normalisation)
+    assert abs(int(M.softedge(half)[0, 16, 15:17, 0].max()) - 128) <= 1
+
+
+def test_depth_calls_the_estimator_and_normalises_over_the_video():
+    calls = []
+
+    def estimator(image):
+        a = np.asarray(image, dtype=np.float32)
+        calls.append(a.shape)
+        return {"predicted_depth": torch.from_numpy(a[..., 0].copy())}  # "depth" = red channel
+
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    frames[0, ..., 0] = 10
+    frames[1, ..., 0] = 110
+    frames[1, 0, 0, 0] = 210
+    got = M.depth(frames, estimator)
+    assert len(calls) == 2
+    assert got[0, 1, 1, 0] == 0 and got[1, 0, 0, 0] == 255 and got[1, 1, 1, 0] == round(100 / 200 * 255)
+
+
+def test_depth_without_a_model_and_unknown_kinds_are_clear_errors(tmp_path):
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    with pytest.raises(ConfigError, match="depth model"):
+        M.compute("depth", frames)
+    with pytest.raises(ModelError, match="depth model"):
+        M.compute("depth", frames, depth_model=tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="unknown condition kind"):
+        M.compute("sketch", frames)
+
+
+def test_user_maps_from_a_folder_are_resized_to_the_frames(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    got = M.user_maps(tmp_path, 3, (8, 8))
+    assert got.shape == (3, 8, 8, 3) and got[2].mean() == 80
+    with pytest.raises(ConfigError, match="maps"):
+        M.user_maps(tmp_path, 5, (8, 8))
+    with pytest.raises(ConfigError, match="do not exist"):
+        M.user_maps(tmp_path / "missing", 3, (8, 8))
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+def test_bad_controls_are_refused(parts):
+    unet, net = parts
+    _, _, maps = inputs()
+    with pytest.raises(ConfigError, match="one set of maps per ControlNet"):
+        StructureControl.make([net, net], [maps], 1.0)
+    with pytest.raises(ConfigError, match="one conditioning scale"):
+        StructureControl.make([net], [maps], [1.0, 2.0])
+    for bad in (-0.1, float("nan"), float("inf"), 11):
+        with pytest.raises(ConfigError, match="scale"):
+            StructureControl.make([net], [maps], bad)
+    with pytest.raises(ConfigError, match="below"):
+        StructureControl.make([net], [maps], 1.0, start=0.6, end=0.4)
+    control = StructureControl.make([net], [maps], 1.0)
+    with pytest.raises(ConfigError, match="4 control maps for 5 frames"):
+        control.check_frames(5, 16, 12)
+    with pytest.raises(ConfigError, match="make them the frames' size"):
+        control.check_frames(4, 32, 12)
+    other = tiny_unet(cross=24)
+    with pytest.raises(ModelError, match="cross_attention_dim"):
+        check_fits(ControlNetModel.from_unet(other), unet.config)
+    check_fits(net, unet.config)  # its own base fits
