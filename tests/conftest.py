@@ -85,6 +85,34 @@ def tiny_sd_v(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction", seed=1)
 
 
+def build_tiny_controlnet(model, folder, seed: int = 3):
+    """A ControlNet made from the tiny model's UNet (condition embedding halving once, as its VAE), its zero
+    convolutions made non-zero so that it changes the edit; saved as a diffusers folder."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "controlnet_down_blocks" in name or "controlnet_mid_block" in name or "conv_out" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    net.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_control(tmp_path_factory, tiny_sd):
+    """The tiny model with a bundled canny ControlNet (its ei2_defaults.json names it), as the Shapes model has."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-sd-control") / "model"
+    shutil.copytree(tiny_sd, folder)
+    build_tiny_controlnet(folder, folder / "controlnet-canny")
+    (folder / "ei2_defaults.json").write_text(json.dumps({"controlnets": {"canny": "controlnet-canny"}}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def source_video(tmp_path_factory):
     """An 8-frame mp4 of a moving square (48x40: resized and centre-cropped to 32x32 by the readers)."""

@@ -248,6 +248,16 @@ DOCUMENTED_EDIT_FLAGS = [
     (["--blend-words", "man", "panda"], "blend_words", ["man", "panda"]),
     (["--reweight", "watercolor=4"], "reweight", ["watercolor=4"]),
     (["--null-text"], "null_text", True),
+    (["--control", "canny", "--control", "maps/"], "control", ["canny", "maps/"]),
+    (["--controlnet", "a/net", "--controlnet", "b/net"], "controlnet", ["a/net", "b/net"]),
+    (["--control-scale", "0.5", "--control-scale", "1.5"], "control_scale", ["0.5", "1.5"]),
+    (["--control-start", "0.2"], "control_start", 0.2),
+    (["--control-end", "0.7"], "control_end", 0.7),
+    (["--no-control-inversion"], "control_inversion", False),
+    (["--no-control-tuning"], "control_tuning", False),
+    (["--canny-low", "30"], "canny_low", 30),
+    (["--canny-high", "150"], "canny_high", 150),
+    (["--depth-model", "dpt"], "depth_model", "dpt"),
     (["--save-attention", "panda"], "save_attention", "panda"),
     (["--seed", "3"], "seed", 3),
     (["--device", "cpu"], "device", "cpu"),
@@ -256,7 +266,8 @@ DOCUMENTED_EDIT_FLAGS = [
     (["--overwrite"], "overwrite", True),
     (["--quiet"], "quiet", True),
 ]
-UNDOCUMENTED_EDIT_FLAGS = {"--help", "--config", "--fps", "--blend-threshold", "--gradient-checkpointing"}
+UNDOCUMENTED_EDIT_FLAGS = {"--help", "--config", "--fps", "--blend-threshold", "--gradient-checkpointing",
+                           "--control-inversion", "--control-tuning"}  # on by default; their --no- forms are documented
 
 
 def test_every_documented_edit_flag_is_in_the_help_and_gives_its_setting():

@@ -71,5 +71,32 @@ def test_demo_default_edit_follows_the_chosen_sample():
         target = argv[argv.index("--target-prompt") + 1]
         words = sample["caption"].split()
         motion_and_background = " ".join(words[3:])  # "a COLOUR SHAPE <motion ...> on a BACKGROUND background"
+        if name.endswith("_background"):  # the background edit: the object kept, the background changed
+            assert target.split()[1:3] == words[1:3] and target.split()[-2] != sample["background"], (name, target)
+            continue
         assert target.endswith(motion_and_background), (name, target)
         assert target.split()[1] != sample["color"] and target.split()[2] != sample["shape"], (name, target)
+
+
+CANNY = default_model_path() / "controlnet-canny"
+
+
+@pytest.mark.skipif(not (CANNY / "config.json").is_file(), reason="the Shapes canny ControlNet is not bundled")
+@pytest.mark.parametrize("sample", [SAMPLE, "green_square_left_background"])
+def test_demo_with_the_canny_condition_keeps_every_frame_on_the_source_path(sample, tmp_path):
+    from ei2.demo import TARGETS
+    from ei2.shapes.oracle import read_frames
+
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["demo", "--sample", sample, "--control", "canny", "--out", str(out), "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["control"]["control"] == ["canny"] and (out / "control" / "01-canny.mp4").is_file()
+    source = json.loads((samples_dir() / "index.json").read_text())[sample]
+    frames, reading = _edited(out)
+    error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
+    assert reading.found.all() and (error <= 4).all(), error.round(1)
+    target = parse_caption(TARGETS[sample])
+    right = sum(c == target["color"] and s == target["shape"] and b == target["background"] for c, s, b in
+                zip(reading.color_names(), reading.shape_names(), reading.background_names()))
+    assert right >= 7, (right, TARGETS[sample])

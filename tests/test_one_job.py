@@ -57,40 +57,42 @@ def _decoded(path: Path) -> np.ndarray:
     return read_video(path, None, 1, 0, None).frames
 
 
-def _cli(tiny_sd, video, out: Path, p2p: str | None) -> Path:
+def _cli(tiny_sd, video, out: Path, p2p: str | None, control: str | None = None) -> Path:
     from ei2.cli import main
 
     argv = ["edit", str(video), "--model", str(tiny_sd), "--source-prompt", SOURCE, "--target-prompt", TARGET,
             "--frames", str(FRAMES), "--steps", str(STEPS), "--inference-steps", str(INFERENCE_STEPS),
             "--guidance-scale", str(GUIDANCE), "--seed", str(SEED), "--device", "cpu", "--out", str(out), "--quiet"]
-    assert main(argv + (["--p2p", p2p] if p2p else [])) == 0
+    assert main(argv + (["--p2p", p2p] if p2p else []) + (["--control", control] if control else [])) == 0
     return out
 
 
-def _app(tiny_sd, video, out: Path, p2p: str | None) -> Path:
-    from ei2.app.server import P2P_OFF, UPLOAD, App
+def _app(tiny_sd, video, out: Path, p2p: str | None, control: str | None = None) -> Path:
+    from ei2.app.server import CONTROL_OFF, P2P_OFF, UPLOAD, App
 
     app = App(model=str(tiny_sd), out=out, max_upload_mb=1, max_frames=8, device="cpu")
-    shown = cfg.defaults_for(app.model_dir, cfg.EDIT, p2p)  # what the page shows where the user types nothing
+    # what the page shows where the user types nothing
+    shown = cfg.defaults_for(app.model_dir, cfg.EDIT, p2p, [control] if control else None)
     form = dict(choice=UPLOAD, upload=str(video), source_prompt=SOURCE, targets=TARGET, recipe="ei2", steps=STEPS,
                 inference_steps=INFERENCE_STEPS, guidance=GUIDANCE, seed=SEED, frames=FRAMES,
                 negative_prompt="", p2p=p2p or P2P_OFF, cross_replace="", self_replace="", reweight="",
                 blend_words="", blend_threshold="", inject_features=shown.inject_features,
                 inject_attention=shown.inject_attention, inject_block=shown.inject_block, strength=shown.strength,
-                guidance_rescale=shown.guidance_rescale, reuse=False)
+                guidance_rescale=shown.guidance_rescale, reuse=False, control=control or CONTROL_OFF,
+                control_scale=1.0)
     updates = list(app.run(**form, page_progress=lambda *args, **kwargs: None))
     assert "done:" in updates[-1][0], updates[-1][0]
     [run] = [p for p in (out / "runs").iterdir() if (p / runs.RUN_FILE).is_file()]
     return run
 
 
-def _bench(tiny_sd, video, out: Path, p2p: str | None) -> Path:
+def _bench(tiny_sd, video, out: Path, p2p: str | None, control: str | None = None) -> Path:
     from ei2.bench.run import run_bench
     from ei2.bench.spec import load_spec
 
     # the settings the CLI's and the app's job are given; what the spec leaves out is `ei2 edit`'s default there too
     settings = {"frames": FRAMES, "steps": STEPS, "inference_steps": INFERENCE_STEPS, "guidance_scale": GUIDANCE,
-                **({"p2p": p2p} if p2p else {})}
+                **({"p2p": p2p} if p2p else {}), **({"control": control} if control else {})}
     spec = {"name": "one-job", "model": str(tiny_sd), "metrics": ["flow"], "settings": settings,
             "recipes": ["ei2"], "seeds": [SEED],
             "videos": [{"name": "square", "path": str(video), "source_prompt": SOURCE, "edits": [TARGET]}]}
@@ -101,16 +103,17 @@ def _bench(tiny_sd, video, out: Path, p2p: str | None) -> Path:
     return job
 
 
-@pytest.mark.parametrize("p2p", [None, "replace"])
-def test_the_cli_the_app_and_the_benchmark_make_the_same_edit(p2p, tiny_sd, source_video, tmp_path, monkeypatch,
-                                                               made):
+@pytest.mark.parametrize("p2p, control", [(None, None), ("replace", None), (None, "canny"), ("replace", "canny")])
+def test_the_cli_the_app_and_the_benchmark_make_the_same_edit(p2p, control, tiny_sd, tiny_sd_control, source_video,
+                                                               tmp_path, monkeypatch, made):
     pytest.importorskip("gradio", reason='the app extra is not installed: pip install -e ".[app]"')
     fronts = {"cli": _cli, "app": _app, "bench": _bench}
+    model = tiny_sd_control if control else tiny_sd
     folders, frames = {}, {}
     for name, run in fronts.items():
         monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / name / "cache"))  # each inverts for itself
         done = len(made)
-        folders[name] = run(tiny_sd, source_video, tmp_path / name / "out", p2p)
+        folders[name] = run(model, source_video, tmp_path / name / "out", p2p, control)
         assert len(made) == done + 1, f"{name} made {len(made) - done} edits through runs.edit_one, not 1"
         frames[name] = made[-1]
 
@@ -136,6 +139,7 @@ def test_the_cli_the_app_and_the_benchmark_make_the_same_edit(p2p, tiny_sd, sour
     assert np.array_equal(_decoded(mp4s["app"]), cli_mp4), "the app's mp4 differs from the CLI's"
     # and the job each recorded: the same control (with P2P, no injection unless asked for: issue 17's defect 1)
     records = {name: json.loads((folders[name] / runs.RUN_FILE).read_text()) for name in ("cli", "app")}
-    for key in ("p2p", "injection", "inversion", "windowing", "model_defaults"):
+    for key in ("p2p", "injection", "inversion", "windowing", "model_defaults", "control"):
         assert records["app"].get(key) == records["cli"].get(key), key
     assert ("p2p" in records["cli"]) == bool(p2p)
+    assert ("control" in records["cli"]) == bool(control)

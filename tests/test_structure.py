@@ -227,3 +227,138 @@ def test_bad_controls_are_refused(parts):
     with pytest.raises(ModelError, match="cross_attention_dim"):
         check_fits(ControlNetModel.from_unet(other), unet.config)
     check_fits(net, unet.config)  # its own base fits
+
+
+# ---- the pipeline and the command line ------------------------------------------------------------------
+def _pipe_and_control(model, scale=1.0, frames=None):
+    from conftest import moving_square
+
+    from ei2.pipeline import EI2Pipeline
+    from ei2.structure import build_control
+
+    pipe = EI2Pipeline.from_pretrained(str(model), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    frames = moving_square(4, 32, 32) if frames is None else frames
+    control, _ = build_control(frames, ["canny"], [str(model / "controlnet-canny")], [scale], 0.0, 1.0,
+                               pipe.unet.unet.config)
+    return pipe, frames, control
+
+
+def test_scale_zero_edit_is_the_uncontrolled_edit_bit_for_bit(tiny_sd_control):
+    pipe, frames, zero = _pipe_and_control(tiny_sd_control, 0.0)
+    _, _, one = _pipe_and_control(tiny_sd_control, 1.0)
+    kw = dict(num_inference_steps=4, guidance_scale=7.5)
+    plain = pipe.edit(frames, "a red square", "a blue square", **kw).frames
+    got = pipe.edit(frames, "a red square", "a blue square", control=zero, **kw).frames
+    controlled = pipe.edit(frames, "a red square", "a blue square", control=one, **kw).frames
+    assert np.array_equal(plain, got)
+    assert not np.array_equal(plain, controlled)  # the net acts: this test can fail
+
+
+def test_a_controlled_inversion_is_not_served_from_an_uncontrolled_cache_entry(tiny_sd_control):
+    pipe, frames, control = _pipe_and_control(tiny_sd_control)
+    latents = pipe.encode_frames(frames)
+    plain = pipe.invert(latents=latents, prompt="a red square", num_inference_steps=4)
+    assert pipe.is_inverted(latents, "a red square", 4)
+    assert not pipe.is_inverted(latents, "a red square", 4, control)
+    controlled = pipe.invert(latents=latents, prompt="a red square", num_inference_steps=4, control=control)
+    assert not torch.equal(plain, controlled)
+    assert pipe.is_inverted(latents, "a red square", 4, control)
+    # another window is another model input: its own entry too
+    late = StructureControl.make(control.nets, control.maps, 1.0, start=0.5)
+    assert not pipe.is_inverted(latents, "a red square", 4, late)
+
+
+def test_tuning_under_the_condition_learns_another_adapter_and_resume_checks_it(tiny_sd_control, tmp_path):
+    from ei2.errors import TuningError
+
+    pipe, frames, control = _pipe_and_control(tiny_sd_control)
+    latents = pipe.encode_frames(frames)
+    base = {n: p.detach().clone() for n, p in pipe.unet.trainable_parameters()}
+    pipe.tune(latents=latents, source_prompt="a red square", steps=2, learning_rate=1e-3, control=control,
+              checkpoint_dir=tmp_path / "ck", checkpoint_every=1)
+    with_control = {n: p.detach().clone() for n, p in pipe.unet.trainable_parameters()}
+    with torch.no_grad():
+        for n, p in pipe.unet.trainable_parameters():
+            p.copy_(base[n])
+    pipe.tune(latents=latents, source_prompt="a red square", steps=2, learning_rate=1e-3)
+    without = dict(pipe.unet.trainable_parameters())
+    assert any(not torch.equal(with_control[n], without[n]) for n in base)
+    with pytest.raises(TuningError, match="structure condition"):  # a checkpoint of another condition
+        pipe.tune(latents=latents, source_prompt="a red square", steps=3, learning_rate=1e-3,
+                  checkpoint_dir=tmp_path / "ck", resume=True)
+
+
+def _edit(tiny_sd_control, source_video, out, *extra):
+    from ei2.cli import main
+
+    return main(["edit", str(source_video), "--model", str(tiny_sd_control), "--source-prompt", "a red square",
+                 "--target-prompt", "a red circle", "--frames", "4", "--steps", "1", "--inference-steps", "2",
+                 "--device", "cpu", "--quiet", "--out", str(out), *extra])
+
+
+def test_edit_with_a_bundled_condition_writes_its_maps_and_shows_them_in_the_grid(tiny_sd_control, source_video,
+                                                                                  tmp_path, monkeypatch):
+    import json
+
+    import cv2
+
+    from ei2.video import read_video
+
+    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
+    assert _edit(tiny_sd_control, source_video, tmp_path / "run", "--control", "canny", "--control-scale", "0.8",
+                 "--control-end", "0.5") == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["control"]["scales"] == [0.8] and record["control"]["end"] == 0.5
+    assert record["control"]["inversion"] is True and record["control"]["maps"] == ["control/01-canny.mp4"]
+    src = read_video(source_video, 4, 1, 0, (32, 32)).frames
+    maps = read_video(tmp_path / "run" / "control" / "01-canny.mp4", None, 1, 0, None).frames
+    want = np.stack([cv2.Canny(f, 50, 100) for f in src])
+    assert maps.shape == (4, 32, 32, 3)
+    assert np.abs(maps[..., 0].astype(int) - want).mean() < 20  # the saved video is the Canny maps (mp4-coded)
+    grid = read_video(tmp_path / "run" / "grid.mp4", None, 1, 0, None).frames
+    plain = tmp_path / "plain"
+    assert _edit(tiny_sd_control, source_video, plain) == 0
+    wide = read_video(plain / "grid.mp4", None, 1, 0, None).frames
+    assert grid.shape[2] > wide.shape[2]  # one more tile: the maps
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--control", "sketch"], "neither a condition kind"),
+    (["--control", "canny", "--controlnet", "A", "--controlnet", "B"], "one --controlnet per --control"),
+    (["--control", "canny", "--control-scale", "-1"], "--control-scale"),
+    (["--control", "canny", "--control-scale", "nan"], "--control-scale"),
+    (["--control", "canny", "--control-scale", "1", "--control-scale", "2"], "one per --control"),
+    (["--control", "canny", "--control-start", "0.8", "--control-end", "0.2"], "below"),
+    (["--control", "canny", "--control-end", "1.5"], "in [0, 1]"),
+    (["--control", "depth", "--controlnet", "X"], "--depth-model"),
+    (["--control", "softedge"], "bundles no ControlNet for --control 'softedge'"),
+    (["--controlnet", "X"], "need --control"),
+    (["--control", "canny", "--controlnet", "/no/such/net"], "cannot load the ControlNet"),
+])
+def test_bad_condition_options_are_one_error_and_nothing_written(extra, words, tiny_sd_control, source_video,
+                                                                 tmp_path, capsys):
+    assert _edit(tiny_sd_control, source_video, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+    assert not any(tmp_path.glob("run*"))
+
+
+def test_a_controlnet_of_another_base_model_and_too_few_maps_are_refused(tiny_sd_control, source_video, tmp_path,
+                                                                         capsys):
+    from PIL import Image
+
+    other = tmp_path / "other-net"
+    ControlNetModel.from_unet(tiny_unet(cross=24), conditioning_embedding_out_channels=(8, 16)).save_pretrained(other)
+    assert _edit(tiny_sd_control, source_video, tmp_path / "a", "--control", "canny", "--controlnet", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "made for another base model" in err and "Traceback" not in err, err
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i in range(2):  # 2 maps for 4 frames
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(maps / f"{i}.png")
+    net = tiny_sd_control / "controlnet-canny"
+    assert _edit(tiny_sd_control, source_video, tmp_path / "b", "--control", str(maps), "--controlnet", str(net)) == 2
+    err = capsys.readouterr().err
+    assert "control maps" in err and "Traceback" not in err, err
+    assert not any(tmp_path.glob("a*")) and not any(tmp_path.glob("b*"))

@@ -21,6 +21,8 @@ TARGETS = {
     "yellow_diamond_bouncing": "a green circle bouncing on a gray background",
     "purple_circle_diagonal": "a green square moving diagonally on a black background",
     "orange_square_growing": "a blue circle growing on a white background",
+    # a background edit: where the edit must keep the object's path while everything around it changes
+    "green_square_left_background": "a green square moving left on a white background",
 }
 TARGET = TARGETS[SAMPLE]
 
@@ -42,6 +44,8 @@ def add_parser(commands, edit_parser: argparse.ArgumentParser) -> None:
     demo.add_argument("--sample", default=SAMPLE, help="name of a bundled sample (assets/samples/index.json)")
     demo.add_argument("--target-prompt", action="append", help="edit prompt, repeatable (default: the sample's colour and shape swapped, "
                                                                    f"for the default sample {TARGET!r})")
+    demo.add_argument("--control", help="a structure condition from the source through the model's bundled "
+                                        "ControlNet (e.g. canny; `ei2 edit --control`)")
     demo.add_argument("--recipe", default="ei2")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto")
@@ -69,6 +73,8 @@ def demo_edit_argv(args) -> list[str]:
         raise ConfigError(f"sample {args.sample!r} has no default edit; pass --target-prompt \"...\"")
     for prompt in prompts:
         argv += ["--target-prompt", prompt]
+    if args.control:
+        argv += ["--control", args.control]
     if args.out:
         argv += ["--out", args.out]
     argv += ["--overwrite"] * args.overwrite + ["--quiet"] * args.quiet

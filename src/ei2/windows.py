@@ -227,8 +227,8 @@ class WindowedUNet:
         mine = [k for k in range(len(self.starts)) if k % world == rank]
 
         def run(x, t, text, frames):
-            part = None if control is None else control.select_frames(frames)
-            return unet(x, t, text, cross_attention_kwargs=cross_attention_kwargs, control=part).sample
+            inputs = {} if control is None else {"control": control.select_frames(frames)}
+            return unet(x, t, text, cross_attention_kwargs=cross_attention_kwargs, **inputs).sample
 
         # 1. Anchors: their coarse keys/values at every FFAM layer, for this step (their output is not used)
         context.anchor_tokens = {}

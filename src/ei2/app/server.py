@@ -40,6 +40,7 @@ from . import FILES
 UPLOAD = "upload"
 VIDEO_TYPES = (".mp4", ".mov", ".webm", ".gif", ".avi", ".mkv", ".m4v")
 P2P_OFF = "off"
+CONTROL_OFF = "off"  # no structure condition
 CSS = """
 #ei2-status { min-height: 7em; }
 #ei2-status .ei2-bar { font-family: ui-monospace, monospace; white-space: pre; }
@@ -241,7 +242,7 @@ class App:
     def settings(self, choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
                  frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
                  blend_threshold, inject_features, inject_attention, inject_block, strength=None,
-                 guidance_rescale=None) -> cfg.Settings:
+                 guidance_rescale=None, control=None, control_scale=None) -> cfg.Settings:
         """The form as `Settings`, checked as the CLI checks its flags.
 
         The form shows the model's defaults (`config.defaults_for`); a value left as shown is not given, so
@@ -249,6 +250,7 @@ class App:
         model's injection stays off unless the sliders are moved).
         """
         p2p = None if p2p in (None, "", P2P_OFF) else p2p
+        control = None if control in (None, "", CONTROL_OFF) else control
         frames = _number(frames, "Frames (--frames)")
         steps = _number(steps, "Tuning steps (--steps)")
         inference_steps = _number(inference_steps, "Inference steps (--inference-steps)")
@@ -262,7 +264,7 @@ class App:
         if len(target_prompt) > self.max_prompts:
             raise ConfigError(f"{len(target_prompt)} target prompts are over this app's limit of {self.max_prompts} "
                               "per job (ei2 serve --max-prompts)")
-        shown = cfg.defaults_for(self.model_dir, cfg.EDIT, p2p)
+        shown = cfg.defaults_for(self.model_dir, cfg.EDIT, p2p, [control] if control else None)
         values = dict(
             video=self._video(choice, upload), source_prompt=(source_prompt or "").strip(),
             target_prompt=target_prompt, model=self.model, recipe=recipe or None, frames=frames, steps=steps,
@@ -279,6 +281,9 @@ class App:
             strength=shown.strength if strength is None else _number(strength, "Edit strength (--strength)", False),
             guidance_rescale=shown.guidance_rescale if guidance_rescale is None
             else _number(guidance_rescale, "Guidance rescale (--guidance-rescale)", whole=False),
+            control=[control] if control else [],
+            control_scale=[str(_number(1.0 if control_scale is None else control_scale,
+                                       "Condition scale (--control-scale)", whole=False))] if control else [],
         )
         s = cfg.Settings(**values)
         s.explicit = frozenset(k for k, v in values.items()
@@ -291,7 +296,9 @@ class App:
         video = Path(s.video)
         key = {"model": s.model, "recipe": s.recipe, "steps": s.steps, "lr": s.lr, "seed": s.seed, "frames": s.frames,
                "stride": s.stride, "start": s.start, "height": s.height, "width": s.width, "device": s.device,
-               "dtype": s.dtype, "source_prompt": s.source_prompt, "video": _sha256(video)}
+               "dtype": s.dtype, "source_prompt": s.source_prompt, "video": _sha256(video),
+               "control": s.control if s.control_tuning else [],
+               "control_scale": s.control_scale if s.control_tuning else []}
         return json.dumps(key, sort_keys=True)
 
     def _adapters(self) -> dict:
@@ -329,6 +336,9 @@ class App:
             if value is None or (name in cfg.MODEL_DEFAULT_KEYS and name not in explicit):
                 continue
             argv += ["--" + name.replace("_", "-"), str(value)]
+        for name in ("control", "control_scale"):
+            for value in getattr(s, name):
+                argv += ["--" + name.replace("_", "-"), value]
         for name in ("cross_replace", "reweight", "blend_words"):
             if getattr(s, name):
                 argv += ["--" + name.replace("_", "-"), *getattr(s, name)]
@@ -357,10 +367,11 @@ class App:
     def run(self, choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
             negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words, blend_threshold,
             inject_features, inject_attention, inject_block, strength, guidance_rescale, reuse,
-            page_progress=gr.Progress()):
+            control=CONTROL_OFF, control_scale=1.0, page_progress=gr.Progress()):
         """The queued job: a generator that yields (status, grid, edits, downloads) as the edit advances.
 
-        The form's values in the order of `blocks()`'s `form` (as `settings` takes them, then "reuse tuning").
+        The form's values in the order of `blocks()`'s `form` (as `settings` takes them, then "reuse tuning", then
+        the structure condition and its scale).
         `page_progress`: gradio's progress bar of this event (gradio fills it in); the job's stage and step are
         shown on it, the detailed per-stage bars in the status box.
         Closing the page closes this generator (gradio), which cancels the job at its next step."""
@@ -369,7 +380,7 @@ class App:
             s = self.settings(choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
                               frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
                               blend_threshold, inject_features, inject_attention, inject_block, strength,
-                              guidance_rescale)
+                              guidance_rescale, control, control_scale)
         except (EI2Error, ValueError) as e:
             yield (self._error(e), *nothing)
             return
@@ -526,17 +537,21 @@ class App:
             return gr.update(value=UPLOAD), upload if isinstance(upload, str) else getattr(upload, "name", None)
         return gr.update(), gr.update()
 
-    def on_p2p(self, mode, features, attention, strength, last):
-        """P2P turned on or off: injection and strength sliders left at the model's default for the last mode show
-        the default of the new one (with P2P the model's injection is off and its strength the generic one,
-        `config.PLAIN_EDIT_ONLY`); sliders the user moved stay."""
+    def on_p2p(self, mode, features, attention, strength, last, control=CONTROL_OFF):
+        """P2P or the structure condition changed: injection and strength sliders left at the model's default for
+        the last (P2P mode, condition) show the default of the new one (with P2P the model's injection is off and
+        its strength the generic one, `config.PLAIN_EDIT_ONLY`; with a condition, the model's controlled-edit
+        defaults); sliders the user moved stay. `last`: the (mode, condition) the sliders showed."""
         mode = None if mode in (None, "", P2P_OFF) else mode
-        before, after = cfg.defaults_for(self.model_dir, cfg.EDIT, last), cfg.defaults_for(self.model_dir, cfg.EDIT, mode)
+        control = None if control in (None, "", CONTROL_OFF) else control
+        last_mode, last_control = last if isinstance(last, (list, tuple)) else (last, None)
+        before = cfg.defaults_for(self.model_dir, cfg.EDIT, last_mode, [last_control] if last_control else None)
+        after = cfg.defaults_for(self.model_dir, cfg.EDIT, mode, [control] if control else None)
         updates = []
         for value, name in ((features, "inject_features"), (attention, "inject_attention"), (strength, "strength")):
             untouched = value is None or value == getattr(before, name)
             updates.append(getattr(after, name) if untouched else gr.update())
-        return (*updates, mode)
+        return (*updates, [mode, control])
 
     def blocks(self) -> gr.Blocks:
         from ..models import RECIPES
@@ -609,6 +624,15 @@ class App:
                                                          elem_id="ei2-inject-attention")
                             inject_block = gr.Number(d.inject_block, precision=0,
                                                      label="Decoder block", elem_id="ei2-inject-block")
+                    bundled = sorted(cfg.bundled_controlnets(self.model_dir))
+                    with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
+                                      "edits)", open=bool(bundled)):
+                        with gr.Row():
+                            control = gr.Dropdown([CONTROL_OFF, *bundled], value=CONTROL_OFF,
+                                                  label="Condition from the source (its maps are shown in the grid)",
+                                                  elem_id="ei2-control", interactive=bool(bundled))
+                            control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Condition scale",
+                                                      elem_id="ei2-control-scale")
                     run = gr.Button("Edit", variant="primary", elem_id="ei2-run")
                 with gr.Column(scale=2):
                     status = gr.HTML("<div>ready</div>", elem_id="ei2-status")
@@ -622,11 +646,12 @@ class App:
             mode = gr.State(None)  # the P2P mode the injection sliders show the defaults of
             source.change(self.on_source, source, [source_prompt, targets, preview, frames, upload], queue=False)
             upload.upload(self.on_upload, upload, [source, preview], queue=False)
-            p2p.change(self.on_p2p, [p2p, inject_features, inject_attention, strength, mode],
-                       [inject_features, inject_attention, strength, mode], queue=False)
+            for changed in (p2p, control):
+                changed.change(self.on_p2p, [p2p, inject_features, inject_attention, strength, mode, control],
+                               [inject_features, inject_attention, strength, mode], queue=False)
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
-                    inject_attention, inject_block, strength, guidance_rescale, reuse]
+                    inject_attention, inject_block, strength, guidance_rescale, reuse, control, control_scale]
             # gradio's progress bar (`run`'s gr.Progress) over the grid, which is empty while a job runs; the
             # status box keeps the per-stage bars
             run.click(self.run, form, [status, grid, edits, downloads], concurrency_limit=1,

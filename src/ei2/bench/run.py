@@ -67,8 +67,9 @@ def job_settings(job: Job, prompts: list[str]):
 
     values = {k: v for k, v in job.settings.items() if k not in BENCH_ONLY}
     values["cross_replace"] = [] if values.get("cross_replace") is None else [str(values["cross_replace"])]
-    values["control"] = [] if values.get("control") is None else [values["control"]]
-    values["control_scale"] = [] if values.get("control") is None else [str(values.get("control_scale", 1.0))]
+    kind = values.get("control")
+    values["control"] = [] if kind is None else [kind]
+    values["control_scale"] = [] if kind is None else [str(values.get("control_scale", 1.0))]
     values.update(source_prompt=job.video.source_prompt, target_prompt=list(prompts), seed=job.seed, quiet=True)
     settings = cfg.Settings(**values)
     settings.explicit = frozenset(values)
@@ -128,6 +129,7 @@ class Runner:
                                            dtype=s["dtype"])
         pipe.set_progress_bar_config(disable=self.quiet)
         settings = job_settings(job, [e.prompt for e in job.video.edits])
+        settings.model = self.spec.model  # whose bundled ControlNets `--control KIND` takes
         runs.configure(pipe, settings)
         frames, centres, fps = job.video.load(s, s["size"] or pipe.default_size)
         torch.manual_seed(job.seed)

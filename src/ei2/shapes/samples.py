@@ -28,6 +28,7 @@ SAMPLES = {
     "yellow_diamond_bouncing": ("bouncing", "yellow", "diamond", "gray", 4),
     "purple_circle_diagonal": ("diagonal", "purple", "circle", "black", 5),
     "orange_square_growing": ("growing", "orange", "square", "white", 6),
+    "green_square_left_background": ("left", "green", "square", "gray", 7),  # the demo's background edit
 }
 
 
