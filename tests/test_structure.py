@@ -89,7 +89,7 @@ def test_scale_zero_and_outside_the_window_is_the_uncontrolled_unet_bit_for_bit(
     with torch.no_grad():
         plain = vu(x, 10, text).sample
         zero = vu(x, 10, text, control=StructureControl.make([net], [maps], 0.0)).sample
-        windowed = StructureControl.make([net], [maps], 1.0, start=0.5, end=1.0).for_steps([901, 601, 301, 1])
+        windowed = StructureControl.make([net], [maps], 1.0, control_guidance_start=0.5, control_guidance_end=1.0).for_steps([901, 601, 301, 1])
         early = vu(x, 901, text, control=windowed).sample
         late = vu(x, 301, text, control=windowed).sample
         late_always = vu(x, 301, text, control=StructureControl.make([net], [maps], 1.0)).sample
@@ -106,6 +106,9 @@ def test_two_nets_add_their_residuals(parts):
     x, text, maps = inputs()
     maps2 = maps.flip(-1)
     both = StructureControl.make([net, net2], [maps, maps2], [0.5, 1.5])
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    multi = StructureControl.make(MultiControlNetModel([net, net2]), [maps, maps2], [0.5, 1.5])
     with torch.no_grad():
         folded = x.transpose(1, 2).reshape(-1, 4, *x.shape[3:])
         t2 = text.repeat_interleave(x.shape[2], 0)
@@ -114,7 +117,8 @@ def test_two_nets_add_their_residuals(parts):
         want = vu(x, 10, text, down_block_additional_residuals=[a + b for a, b in zip(d1, d2)],
                   mid_block_additional_residual=m1 + m2).sample
         got = vu(x, 10, text, control=both).sample
-    assert (got - want).abs().max() <= 1e-6
+        got_multi = vu(x, 10, text, control=multi).sample
+    assert (got - want).abs().max() <= 1e-6 and torch.equal(got, got_multi)
 
 
 def test_windowed_unet_with_a_condition_equals_the_naive_window_loop(parts):
@@ -217,7 +221,7 @@ def test_bad_controls_are_refused(parts):
         with pytest.raises(ConfigError, match="scale"):
             StructureControl.make([net], [maps], bad)
     with pytest.raises(ConfigError, match="below"):
-        StructureControl.make([net], [maps], 1.0, start=0.6, end=0.4)
+        StructureControl.make([net], [maps], 1.0, control_guidance_start=0.6, control_guidance_end=0.4)
     control = StructureControl.make([net], [maps], 1.0)
     with pytest.raises(ConfigError, match="4 control maps for 5 frames"):
         control.check_frames(5, 16, 12)
@@ -265,7 +269,7 @@ def test_a_controlled_inversion_is_not_served_from_an_uncontrolled_cache_entry(t
     assert not torch.equal(plain, controlled)
     assert pipe.is_inverted(latents, "a red square", 4, control)
     # another window is another model input: its own entry too
-    late = StructureControl.make(control.nets, control.maps, 1.0, start=0.5)
+    late = StructureControl.make(list(control.nets), control.maps, 1.0, control_guidance_start=0.5)
     assert not pipe.is_inverted(latents, "a red square", 4, late)
 
 

@@ -54,7 +54,7 @@ def edit(pipe, frames, source, prompts, v, control):
     injection = InjectionConfig(*v["inject"]) if any(v["inject"]) else None
     cond = None
     if v["scale"] is not None:
-        cond = type(control).make(control.nets, control.maps, v["scale"], 0.0, v.get("end", 1.0))
+        cond = type(control).make(list(control.nets), control.maps, v["scale"], 0.0, v.get("end", 1.0))
     t = time.perf_counter()
     out = pipe.edit(frames, source, prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                     strength=v["strength"], injection=injection, control=cond,

@@ -105,9 +105,19 @@ class StructureControl:
     digests: tuple = field(default=(), repr=False)  # weights_digest of each net, computed once
 
     @classmethod
-    def make(cls, nets: Sequence, maps: Sequence[torch.Tensor], scales: float | Sequence[float] = 1.0,
-             start: float = 0.0, end: float = 1.0) -> "StructureControl":
-        nets, maps = tuple(nets), tuple(maps)
+    def make(cls, controlnet, maps: Sequence[torch.Tensor] | torch.Tensor,
+             controlnet_conditioning_scale: float | Sequence[float] = 1.0, control_guidance_start: float = 0.0,
+             control_guidance_end: float = 1.0) -> "StructureControl":
+        """diffusers' names: `controlnet` (a ControlNetModel, a list of them or a MultiControlNetModel), `maps` (one
+        `(f, 3, H, W)` tensor in [0, 1] per net: the `image` of diffusers' ControlNet pipelines, one per frame),
+        `controlnet_conditioning_scale` (one for all nets or one per net), `control_guidance_start/end`."""
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        if isinstance(controlnet, MultiControlNetModel):
+            controlnet = list(controlnet.nets)
+        nets = tuple(controlnet) if isinstance(controlnet, (list, tuple)) else (controlnet,)
+        maps = (maps,) if isinstance(maps, torch.Tensor) else tuple(maps)
+        scales, start, end = controlnet_conditioning_scale, control_guidance_start, control_guidance_end
         if not nets or len(nets) != len(maps):
             raise ConfigError(f"give one set of maps per ControlNet: {len(nets)} ControlNet(s), {len(maps)} set(s) of maps")
         scales = (scales,) * len(nets) if isinstance(scales, (int, float)) else tuple(scales)
