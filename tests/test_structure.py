@@ -366,3 +366,33 @@ def test_a_controlnet_of_another_base_model_and_too_few_maps_are_refused(tiny_sd
     err = capsys.readouterr().err
     assert "control maps" in err and "Traceback" not in err, err
     assert not any(tmp_path.glob("a*")) and not any(tmp_path.glob("b*"))
+
+
+def test_model_defaults_for_controlled_edits_and_a_default_condition(tiny_sd_control, tmp_path):
+    import json
+    import shutil
+
+    from ei2 import config as cfg
+    from ei2.cli import build_parser
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_control, model)
+
+    def settings(defaults, *flags):
+        (model / "ei2_defaults.json").write_text(json.dumps({"controlnets": {"canny": "controlnet-canny"}, **defaults}))
+        s = cfg.resolve(cfg.EDIT, build_parser().parse_args(["edit", "v.mp4", *flags]), None)
+        cfg.apply_model_defaults(s, model, cfg.EDIT)
+        return s
+
+    calibrated = {"strength": 0.6, "inject_features": 0.5, "controlled": {"strength": 1.0, "inject_features": 0.0}}
+    plain, controlled = settings(calibrated), settings(calibrated, "--control", "canny")
+    assert (plain.strength, plain.inject_features, plain.control) == (0.6, 0.5, [])
+    assert (controlled.strength, controlled.inject_features) == (1.0, 0.0)
+    assert settings(calibrated, "--control", "canny", "--strength", "0.7").strength == 0.7  # a flag wins
+    assert settings(calibrated, "--control", "canny", "--p2p", "replace").strength == 1.0  # P2P's own rule
+    # a model may make a condition its default: every edit takes it, `--control none` turns it off
+    default = {**calibrated, "control": "canny"}
+    assert settings(default).control == ["canny"] and settings(default).strength == 1.0
+    off = settings(default, "--control", "none")
+    assert not cfg.controlled(off) and off.strength == 0.6
+    assert cfg.bundled_controlnets(model) == {"canny": str(model / "controlnet-canny")}

@@ -343,7 +343,8 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
 
     A plain edit with `--control` takes the model's `"controlled"` defaults instead where it has them (the Shapes
     model: strength 1.0 and no injection; a structure condition holds the layout, and injection fights it).
-    The model's `"controlnets"` (kind -> folder) are read by `bundled_controlnets`.
+    The model's `"controlnets"` (kind -> folder) are read by `bundled_controlnets`; its `"control"` (a kind or a
+    list) is the condition of every edit and tuning that gives no `--control` (`--control none` turns it off).
     """
     import json
 
@@ -361,6 +362,14 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     known = {f.name: f for f in fields_for(command)}
     applied = {}
     data.pop(MODEL_CONTROLNETS, None)  # read by `bundled_controlnets`
+    default_control = data.pop("control", None)  # a condition every edit takes unless `--control` is given
+    if default_control is not None:
+        kinds = [default_control] if isinstance(default_control, str) else default_control
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ConfigError(f"{path}: 'control' must be a condition kind or a list of them")
+        if "control" in known and "control" not in getattr(settings, "explicit", ()):
+            settings.control = list(kinds)
+            applied["control"] = list(kinds)
     controlled_defaults = data.pop(MODEL_CONTROLLED, {})
     if not isinstance(controlled_defaults, dict):
         raise ConfigError(f"{path}: {MODEL_CONTROLLED!r} must be an object of option: value")
@@ -407,6 +416,6 @@ def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | N
     sets `--inject-*`/`--strength`; with `control` (a plain edit) the model's controlled-edit defaults apply.
     """
     settings = Settings(p2p=p2p, control=list(control or []))
-    settings.explicit = frozenset()
+    settings.explicit = frozenset({"control"} if control else ())  # a condition given replaces the model's
     apply_model_defaults(settings, model_dir, command)
     return settings

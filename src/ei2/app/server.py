@@ -264,7 +264,9 @@ class App:
         if len(target_prompt) > self.max_prompts:
             raise ConfigError(f"{len(target_prompt)} target prompts are over this app's limit of {self.max_prompts} "
                               "per job (ei2 serve --max-prompts)")
-        shown = cfg.defaults_for(self.model_dir, cfg.EDIT, p2p, [control] if control else None)
+        # "off" with a model whose edits take a condition by default is `--control none`
+        chosen = [control] if control else ([cfg.NO_CONTROL] if cfg.controlled(self.defaults) else [])
+        shown = cfg.defaults_for(self.model_dir, cfg.EDIT, p2p, chosen or None)
         values = dict(
             video=self._video(choice, upload), source_prompt=(source_prompt or "").strip(),
             target_prompt=target_prompt, model=self.model, recipe=recipe or None, frames=frames, steps=steps,
@@ -281,7 +283,7 @@ class App:
             strength=shown.strength if strength is None else _number(strength, "Edit strength (--strength)", False),
             guidance_rescale=shown.guidance_rescale if guidance_rescale is None
             else _number(guidance_rescale, "Guidance rescale (--guidance-rescale)", whole=False),
-            control=[control] if control else [],
+            control=chosen,
             control_scale=[str(_number(1.0 if control_scale is None else control_scale,
                                        "Condition scale (--control-scale)", whole=False))] if control else [],
         )
@@ -537,6 +539,10 @@ class App:
             return gr.update(value=UPLOAD), upload if isinstance(upload, str) else getattr(upload, "name", None)
         return gr.update(), gr.update()
 
+    def _shown_control(self):
+        """The condition the form starts with: the model's default one, or None."""
+        return self.defaults.control[0] if cfg.controlled(self.defaults) else None
+
     def on_p2p(self, mode, features, attention, strength, last, control=CONTROL_OFF):
         """P2P or the structure condition changed: injection and strength sliders left at the model's default for
         the last (P2P mode, condition) show the default of the new one (with P2P the model's injection is off and
@@ -544,9 +550,10 @@ class App:
         defaults); sliders the user moved stay. `last`: the (mode, condition) the sliders showed."""
         mode = None if mode in (None, "", P2P_OFF) else mode
         control = None if control in (None, "", CONTROL_OFF) else control
-        last_mode, last_control = last if isinstance(last, (list, tuple)) else (last, None)
-        before = cfg.defaults_for(self.model_dir, cfg.EDIT, last_mode, [last_control] if last_control else None)
-        after = cfg.defaults_for(self.model_dir, cfg.EDIT, mode, [control] if control else None)
+        last_mode, last_control = last if isinstance(last, (list, tuple)) else (last, self._shown_control())
+        off = [cfg.NO_CONTROL] if cfg.controlled(self.defaults) else None  # "off" against a default condition
+        before = cfg.defaults_for(self.model_dir, cfg.EDIT, last_mode, [last_control] if last_control else off)
+        after = cfg.defaults_for(self.model_dir, cfg.EDIT, mode, [control] if control else off)
         updates = []
         for value, name in ((features, "inject_features"), (attention, "inject_attention"), (strength, "strength")):
             untouched = value is None or value == getattr(before, name)
@@ -628,7 +635,8 @@ class App:
                     with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
                                       "edits)", open=bool(bundled)):
                         with gr.Row():
-                            control = gr.Dropdown([CONTROL_OFF, *bundled], value=CONTROL_OFF,
+                            control = gr.Dropdown([CONTROL_OFF, *bundled],
+                                                  value=d.control[0] if cfg.controlled(d) else CONTROL_OFF,
                                                   label="Condition from the source (its maps are shown in the grid)",
                                                   elem_id="ei2-control", interactive=bool(bundled))
                             control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Condition scale",
