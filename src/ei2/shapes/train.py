@@ -60,6 +60,15 @@ class StageConfig:
     # ControlNet only (issue 26): the structure map it reads (ei2.structure.maps) and the share of empty prompts
     condition: str = ""
     empty_prompts: float = 0.3
+    # "zero": diffusers' init (the condition embedding's last conv and the zero convs all zero: the condition's
+    # gradient is zero until the zero convs grow); "random": that last conv gets PyTorch's default init, so the
+    # condition reaches the zero convs from step 0 (the output is still the frozen UNet's at step 0)
+    cond_embedding_init: str = "zero"
+    # where the condition matters: timesteps drawn from [t_min, 1000), and the epsilon loss weighted towards x0's
+    # ((1 - a) / a, the factor between eps and x0 errors, clipped to x0_weight_max; 0: the plain epsilon loss), so that
+    # the object's position, which only the noisier steps do not see, carries the gradient
+    t_min: int = 0
+    x0_weight_max: float = 0.0
 
 
 # Sized for a 2-core CPU (a few hours in all) and for one GPU (minutes).
@@ -505,7 +514,10 @@ class ControlNetStage(Stage):
         self.labels = labels.to(self.device)
         del text_encoder, vae
         self.alphas = models.make_train_scheduler().alphas_cumprod.to(self.device)
-        return ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING)
+        net = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING)
+        if self.cfg.cond_embedding_init == "random":
+            net.controlnet_cond_embedding.conv_out.reset_parameters()  # from the seeded global RNG (Stage.run)
+        return net
 
     def loss(self, step, gen):
         dev, b = self.device, self.cfg.batch_size
@@ -515,7 +527,7 @@ class ControlNetStage(Stage):
         option = torch.where(torch.rand(b, device=dev, generator=gen) < MOTION_SHARE, option, 0)
         cap = option * NUM_CLASSES + self.labels[idx]
         cap = torch.where(torch.rand(b, device=dev, generator=gen) < self.cfg.empty_prompts, self.empty, cap)
-        t = torch.randint(0, len(self.alphas), (b,), device=dev, generator=gen)
+        t = torch.randint(self.cfg.t_min, len(self.alphas), (b,), device=dev, generator=gen)
         noise = torch.randn(z0.shape, device=dev, generator=gen)
         a = self.alphas[t].view(b, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -524,11 +536,15 @@ class ControlNetStage(Stage):
         down, mid = self.model(zt, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
         pred = self.unet(zt, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-        return F.mse_loss(pred.float(), noise)
+        if not self.cfg.x0_weight_max:
+            return F.mse_loss(pred.float(), noise)
+        weight = ((1 - a) / a).clamp(max=self.cfg.x0_weight_max)
+        return (weight * (pred.float() - noise) ** 2).mean()
 
     def final_config(self):
         return {"controlnet_config": dict(self.model.config), "condition": self.cfg.condition,
-                "empty_prompts": self.cfg.empty_prompts}
+                "empty_prompts": self.cfg.empty_prompts, "cond_embedding_init": self.cfg.cond_embedding_init,
+                "t_min": self.cfg.t_min, "x0_weight_max": self.cfg.x0_weight_max}
 
 
 STAGES = {"clip": ClipStage, "vae": VaeStage, "unet": UnetStage, "controlnet": ControlNetStage}
@@ -636,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-snr", action="store_true", help="unet: SD's schedule rescaled to zero terminal SNR (needs v_prediction)")
     parser.add_argument("--offset-noise", type=float, help="unet: std of a per-channel constant added to the noise (e.g. 0.05)")
     parser.add_argument("--condition", default="canny", help="controlnet: the structure map it learns (canny, softedge)")
+    parser.add_argument("--cond-embedding-init", choices=["zero", "random"], default="zero",
+                        help="controlnet: init of the condition embedding's last conv (zero: diffusers')")
+    parser.add_argument("--t-min", type=int, default=0, help="controlnet: draw timesteps from [T_MIN, 1000)")
+    parser.add_argument("--x0-weight-max", type=float, default=0.0,
+                        help="controlnet: weight the eps loss by (1 - a) / a clipped to this (0: plain eps loss)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering the training images")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     parser.add_argument("--work", default=str(WORK), help="folder of checkpoints and logs (default work_shapes)")
@@ -666,6 +687,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.condition not in KINDS or args.condition == "depth":
                 parser.error(f"--condition must be canny or softedge (maps computed without weights), not {args.condition!r}")
             overrides["condition"] = args.condition
+            overrides["cond_embedding_init"] = args.cond_embedding_init
+            overrides["t_min"] = args.t_min
+            overrides["x0_weight_max"] = args.x0_weight_max
         cfg = replace(cfg, **overrides)
         print(f"[{name}] {cfg} on {args.device}", flush=True)
         STAGES[name](cfg, torch.device(args.device), args.seed, args.workers).run(
