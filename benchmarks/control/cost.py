@@ -48,6 +48,9 @@ def main(argv=None) -> int:
             for name in ("plain", "control"):
                 os.environ["EI2_CACHE_DIR"] = str(Path(tmp) / f"cache-{name}-{k}")
                 rows[name].append(one(name == "control", Path(tmp), k))
+    for runs in rows.values():  # one target prompt: its edit's seconds
+        for r in runs:
+            r["edit_s"] = r["edit_s"][0] if isinstance(r["edit_s"], list) else r["edit_s"]
     med = {name: {key: statistics.median(r[key] for r in runs) for key in ("edit_s", "invert_s")}
            for name, runs in rows.items()}
     ratio = {key: med["control"][key] / med["plain"][key] for key in ("edit_s", "invert_s")}
