@@ -182,8 +182,9 @@ def _write_control_maps(made, out: Path, fps: float) -> list[str]:
 
 
 def _control_record(s: cfg.Settings, control, files: list[str], command: str) -> dict:
+    tuned = s.steps > 0 and not (command == cfg.EDIT and s.adapter)  # an adapter reused: no tuning here
     record = {"control": list(s.control), "controlnet": controlnet_sources(s), **control.record(),
-              "tuning": s.control_tuning, "maps": files}
+              "tuning": s.control_tuning and tuned, "maps": files}
     if command == cfg.EDIT:
         record["inversion"] = s.control_inversion
     return record
