@@ -327,13 +327,11 @@ class VideoUNet(ModelMixin, ConfigMixin):
             timestep = timestep.repeat_interleave(f)  # (b f)
         folded = rearrange(sample, "b c f h w -> (b f) c h w")
         text = encoder_hidden_states.repeat_interleave(f, dim=0)  # (b f) L D
+        down, mid = down_block_additional_residuals, mid_block_additional_residual
         residuals = control(folded, timestep, text) if control is not None else None
-        if residuals is not None and down_block_additional_residuals is not None:
-            residuals = ([a + r for a, r in zip(down_block_additional_residuals, residuals[0])],
-                         mid_block_additional_residual + residuals[1])
-        elif residuals is None and down_block_additional_residuals is not None:
-            residuals = (down_block_additional_residuals, mid_block_additional_residual)
-        down, mid = residuals if residuals is not None else (None, None)
+        if residuals is not None:
+            down = residuals[0] if down is None else [a + r for a, r in zip(down, residuals[0])]
+            mid = residuals[1] if mid is None else mid + residuals[1]
         out = self.unet(
             folded, timestep, text, cross_attention_kwargs=cross_attention_kwargs,
             down_block_additional_residuals=None if down is None else tuple(down),

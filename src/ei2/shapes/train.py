@@ -412,7 +412,42 @@ def load_vae(device="cpu"):
     return vae.to(device).eval()
 
 
-class UnetStage(Stage):
+class LatentStage(Stage):
+    """A stage that denoises VAE latents of a render pool under the frozen text tower's caption embeddings: the
+    pool's posteriors (`encode_pool`) and one seeded noisy batch of them (`noisy_batch`). Subclasses set
+    `self.scale`, `self.text`, `self.empty` and `self.alphas` in `build`."""
+
+    def encode_pool(self, vae, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The VAE posterior (mean, std) of every render, and its class index."""
+        means, stds = [], []
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            for b in images.split(2048):
+                d = vae.encode(to_pixels(b.to(self.device))).latent_dist
+                means.append(d.mean.float())
+                stds.append(d.std.float())
+        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
+        self.labels = labels.to(self.device)
+
+    def noisy_batch(self, gen: torch.Generator, empty_share: float, t_min: int = 0, offset_noise: float = 0.0):
+        """(pool indices, z0, caption indices, t, noise, alpha_bar (b, 1, 1, 1), z_t) of one batch: z0 drawn from the
+        posteriors, captions with a motion phrase for MOTION_SHARE of them and empty for `empty_share`, t from
+        [t_min, T), offset noise of std `offset_noise` (0: none). The draws are in this order, from `gen` alone."""
+        dev, b = self.device, self.cfg.batch_size
+        idx = torch.randint(len(self.lat_mean), (b,), device=dev, generator=gen)
+        z0 = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, device=dev, generator=gen)) * self.scale
+        option = torch.randint(1, len(MOTION_OPTIONS), (b,), device=dev, generator=gen)
+        option = torch.where(torch.rand(b, device=dev, generator=gen) < MOTION_SHARE, option, 0)
+        cap = option * NUM_CLASSES + self.labels[idx]
+        cap = torch.where(torch.rand(b, device=dev, generator=gen) < empty_share, self.empty, cap)
+        t = torch.randint(t_min, len(self.alphas), (b,), device=dev, generator=gen)
+        noise = torch.randn(z0.shape, device=dev, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(b, z0.shape[1], 1, 1, device=dev, generator=gen)
+        a = self.alphas[t].view(b, 1, 1, 1)
+        return idx, z0, cap, t, noise, a, a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+class UnetStage(LatentStage):
     """UNet2DConditionModel on VAE latents of renders, conditioned on the frozen CLIP text tower's
     last hidden states; epsilon (or v) loss on SD 1.x's DDPM schedule (or its zero-terminal-SNR
     rescaling), 10% empty captions, EMA 0.999."""
@@ -428,33 +463,14 @@ class UnetStage(Stage):
             self.text = torch.cat([clip.text_model(input_ids=b.to(self.device)).last_hidden_state for b in ids.split(256)])
         self.empty = len(self.text) - 1
         images, labels = make_pool(self.cfg.pool, self.seed + 2, self.workers)
-        means, stds = [], []
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            for b in images.split(2048):
-                d = vae.encode(to_pixels(b.to(self.device))).latent_dist
-                means.append(d.mean.float())
-                stds.append(d.std.float())
-        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
-        self.labels = labels.to(self.device)
+        self.encode_pool(vae, images, labels)
         del clip, vae
         self.sched = models.make_train_scheduler(self.cfg.prediction_type, self.cfg.zero_snr)
         self.alphas = self.sched.alphas_cumprod.to(self.device)
         return models.make_unet()
 
     def loss(self, step, gen):
-        dev, b = self.device, self.cfg.batch_size
-        idx = torch.randint(len(self.lat_mean), (b,), device=dev, generator=gen)
-        z0 = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, device=dev, generator=gen)) * self.scale
-        option = torch.randint(1, len(MOTION_OPTIONS), (b,), device=dev, generator=gen)
-        option = torch.where(torch.rand(b, device=dev, generator=gen) < MOTION_SHARE, option, 0)
-        cap = option * NUM_CLASSES + self.labels[idx]
-        cap = torch.where(torch.rand(b, device=dev, generator=gen) < CAPTION_DROPOUT, self.empty, cap)
-        t = torch.randint(0, len(self.alphas), (b,), device=dev, generator=gen)
-        noise = torch.randn(z0.shape, device=dev, generator=gen)
-        if self.cfg.offset_noise:
-            noise = noise + self.cfg.offset_noise * torch.randn(b, z0.shape[1], 1, 1, device=dev, generator=gen)
-        a = self.alphas[t].view(b, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        _, z0, cap, t, noise, a, zt = self.noisy_batch(gen, CAPTION_DROPOUT, offset_noise=self.cfg.offset_noise)
         pred = self.model(zt, t, encoder_hidden_states=self.text[cap]).sample
         target = noise if self.cfg.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * z0  # v
         return F.mse_loss(pred.float(), target)
@@ -473,7 +489,7 @@ class UnetStage(Stage):
 CONTROLNET_EMBEDDING = (16, 32, 64)  # the condition's embedding: two stride-2 convs, the Shapes VAE's factor 4
 
 
-class ControlNetStage(Stage):
+class ControlNetStage(LatentStage):
     """A diffusers ControlNetModel made from the shipped Shapes UNet (`ControlNetModel.from_unet`, zero convs at
     zero), trained with that UNet frozen: epsilon loss of UNet + ControlNet residuals on VAE latents of renders,
     conditioned on the renders' structure maps (`ei2.structure.maps`), 30% empty prompts."""
@@ -504,14 +520,7 @@ class ControlNetStage(Stage):
         images, labels = make_pool(self.cfg.pool, self.seed + 3, self.workers)
         self.cond = torch.from_numpy(maps.compute(self.cfg.condition, images.numpy())[..., 0].copy())  # (n, h, w) uint8
         self.cond = self.cond.to(self.device)
-        means, stds = [], []
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            for b in images.split(2048):
-                d = vae.encode(to_pixels(b.to(self.device))).latent_dist
-                means.append(d.mean.float())
-                stds.append(d.std.float())
-        self.lat_mean, self.lat_std = torch.cat(means), torch.cat(stds)
-        self.labels = labels.to(self.device)
+        self.encode_pool(vae, images, labels)
         del text_encoder, vae
         self.alphas = models.make_train_scheduler().alphas_cumprod.to(self.device)
         net = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING)
@@ -520,17 +529,7 @@ class ControlNetStage(Stage):
         return net
 
     def loss(self, step, gen):
-        dev, b = self.device, self.cfg.batch_size
-        idx = torch.randint(len(self.lat_mean), (b,), device=dev, generator=gen)
-        z0 = (self.lat_mean[idx] + self.lat_std[idx] * torch.randn(self.lat_mean[idx].shape, device=dev, generator=gen)) * self.scale
-        option = torch.randint(1, len(MOTION_OPTIONS), (b,), device=dev, generator=gen)
-        option = torch.where(torch.rand(b, device=dev, generator=gen) < MOTION_SHARE, option, 0)
-        cap = option * NUM_CLASSES + self.labels[idx]
-        cap = torch.where(torch.rand(b, device=dev, generator=gen) < self.cfg.empty_prompts, self.empty, cap)
-        t = torch.randint(self.cfg.t_min, len(self.alphas), (b,), device=dev, generator=gen)
-        noise = torch.randn(z0.shape, device=dev, generator=gen)
-        a = self.alphas[t].view(b, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        idx, _, cap, t, noise, a, zt = self.noisy_batch(gen, self.cfg.empty_prompts, t_min=self.cfg.t_min)
         text = self.text[cap]
         cond = self.cond[idx].float().div(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
         down, mid = self.model(zt, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)

@@ -218,17 +218,11 @@ def build_control(frames, controls: Sequence[str], controlnets: Sequence[str], s
     user brings, sampled with `maps_sampling` = {stride, start} like the source) the maps of `frames`
     `(f, h, w, 3)` uint8, and the ControlNet `controlnets[i]` (a folder or cached id), checked against the base
     UNet's config. Returns `(StructureControl, [(label, maps (f, h, w, 3) uint8), ...])`."""
-    from pathlib import Path
-
     from . import maps as M
 
     if len(controls) != len(controlnets):
         raise ConfigError(f"give one --controlnet per --control: {len(controls)} condition(s), "
                           f"{len(controlnets)} ControlNet(s)")
-    for kind in controls:
-        if kind not in M.KINDS and not Path(kind).exists():
-            raise ConfigError(f"--control {kind!r} is neither a condition kind ({', '.join(M.KINDS)}) nor an existing "
-                              "folder or video of maps")
     f, h, w = frames.shape[:3]
     made, nets = [], []
     for kind, source in zip(controls, controlnets):
