@@ -140,7 +140,7 @@ def _quiet_libraries() -> None:
 
 
 def _say(settings, message: str) -> None:
-    if not settings.quiet:
+    if not settings.quiet or message.startswith(runs.WARNING):  # --quiet keeps the warnings
         print(f"ei2: {message}", file=sys.stderr)
 
 

@@ -155,7 +155,8 @@ def _base_type(f: dataclasses.Field):
     return args[0] if args else hint
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: `inference_steps` -> `--inference-steps`."""
     return "--" + name.replace("_", "-")
 
 
@@ -282,7 +283,7 @@ def add_arguments(parser, command: str) -> None:
                 kwargs["choices"] = f.metadata["choices"]
             if f.metadata["metavar"]:
                 kwargs["metavar"] = f.metadata["metavar"]
-        parser.add_argument(_flag(f.name), **kwargs)
+        parser.add_argument(flag(f.name), **kwargs)
 
 
 def _frames_argument(text: str) -> int | str:

@@ -23,3 +23,7 @@ class ModelError(EI2Error):
 
 class TuningError(EI2Error):
     """Tuning diverged (NaN/inf loss) or a checkpoint cannot be resumed."""
+
+
+class FileSystemError(EI2Error):
+    """A file or folder cannot be written or read: no permission, no space left, a read-only file system."""

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
-from .files import atomic_path
+from .files import atomic_path, file_system_problem, save_tensors
 
 
 def alpha(scheduler, t: int | None, device=None) -> torch.Tensor:
@@ -390,35 +390,61 @@ class InversionCache:
     """Inverted latents by key, in memory and (with `directory`) as `<key><suffix>` safetensors files.
 
     `get_tensors`/`put_tensors` store any named tensors (null-text inversion keeps two); `get`/`put` the latents.
+    Each file carries a digest of its tensors in its metadata: an entry that does not match it (or cannot be
+    read) is removed and recomputed, with a notice. The disk is optional: if an entry cannot be written (no
+    permission, no space), `notice` says so once and the cache goes on in memory.
     """
 
     suffix = ".safetensors"
 
-    def __init__(self, directory: str | os.PathLike | None = None):
+    def __init__(self, directory: str | os.PathLike | None = None, notice: Callable[[str], None] | None = None):
         self.directory = Path(directory) if directory is not None else None
+        self.notice = notice or _stderr_notice
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _digest(tensors: dict[str, torch.Tensor]) -> str:
+        return tensor_hash(*(tensors[name] for name in sorted(tensors))) + ":" + ",".join(sorted(tensors))
 
     def get_tensors(self, key: str) -> dict[str, torch.Tensor] | None:
         if key in self._memory:
             return self._memory[key]
-        if self.directory is not None:
-            path = self.directory / f"{key}{self.suffix}"
-            if path.is_file():
-                try:
-                    tensors = load_file(str(path))
-                except Exception:  # a damaged cache entry is recomputed, never trusted
-                    return None
-                self._memory[key] = tensors
-                return tensors
-        return None
+        if self.directory is None:
+            return None
+        path = self.directory / f"{key}{self.suffix}"
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                digest = (f.metadata() or {}).get("digest")
+            tensors = load_file(str(path))
+            if digest != self._digest(tensors):
+                raise ValueError("its tensors do not match the digest written with them")
+        except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+            self.notice(f"inversion cache entry {path} is damaged ({e}); removed, recomputing it")
+            path.unlink(missing_ok=True)
+            return None
+        self._memory[key] = tensors
+        return tensors
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         self._memory[key] = tensors
-        if self.directory is not None:
+        if self.directory is None:
+            return
+        try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.directory / f"{key}{self.suffix}") as tmp:
-                save_file(tensors, str(tmp))
+                save_tensors(tensors, str(tmp), metadata={"digest": self._digest(tensors)})
+        except Exception as e:  # noqa: BLE001 - safetensors wraps the OSError in its own type
+            problem = file_system_problem(e)
+            if problem is None:
+                raise
+            self.notice(f"cannot write the inversion cache in {self.directory} ({problem.strerror}); going on "
+                        "without it (set EI2_CACHE_DIR to a folder you can write to keep inversions)")
+            self.directory = None
 
     def get(self, key: str) -> torch.Tensor | None:
         tensors = self.get_tensors(key)
@@ -426,3 +452,9 @@ class InversionCache:
 
     def put(self, key: str, latents: torch.Tensor) -> None:
         self.put_tensors(key, {"latents": latents})
+
+
+def _stderr_notice(message: str) -> None:
+    import sys
+
+    print(f"ei2: note: {message}", file=sys.stderr)

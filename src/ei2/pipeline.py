@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import EI2Error, ModelError
-from .files import replace_folder, write_json
+from .files import replace_folder, save_tensors, write_json
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
                         start_step, tensor_hash, timesteps)
 from .models import Recipe, VideoUNet
@@ -96,6 +96,32 @@ def _hub_offline() -> bool:
 
         return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
     return False
+
+
+def _needs_hub(source: str) -> bool:
+    """Whether loading `source` must reach the Hugging Face Hub: a hub id not in the local cache. When the hub
+    cannot be reached (no network), say so at once: the hub client would retry for a minute, line after line."""
+    if Path(source).is_dir():
+        return False
+    with contextlib.suppress(Exception):
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(source, local_files_only=True, allow_patterns=["model_index.json"])
+        return False  # in the cache: loaded from there
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {source!r}: it is not in the local Hugging Face cache and {host} cannot be reached "
+            f"({e.strerror or e}); download it elsewhere and pass the local folder: --model /path/to/stable-diffusion"
+        ) from None
+    return True
 
 
 def fit_prompt_length(tokenizer, text_encoder) -> None:
@@ -237,7 +263,7 @@ class EI2Pipeline(DiffusionPipeline):
         weight_dtype = DTYPES[dtype]
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        local = {"local_files_only": True} if _hub_offline() else {}
+        local = {"local_files_only": True} if _hub_offline() or not _needs_hub(source) else {}
         try:
             unet2d = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True, **local)
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True, torch_dtype=weight_dtype,
@@ -362,6 +388,11 @@ class EI2Pipeline(DiffusionPipeline):
         return prompts
 
     @torch.no_grad()
+    def prompt_overflow(self, prompt: str) -> int:
+        """How many tokens of `prompt` the text encoder cannot take (`encode_prompt` drops them; 0: none)."""
+        ids = self.tokenizer(prompt, truncation=False).input_ids  # with its start and end tokens
+        return max(0, len(ids) - self.tokenizer.model_max_length)
+
     def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
         """Text embeddings (b, L, D), fp32."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -460,7 +491,6 @@ class EI2Pipeline(DiffusionPipeline):
         import shutil
 
         from diffusers import __version__ as diffusers_version
-        from safetensors.torch import save_file
 
         if not safe_serialization:
             raise ValueError("EI2Pipeline writes safetensors only; drop safe_serialization=False")
@@ -474,7 +504,7 @@ class EI2Pipeline(DiffusionPipeline):
             (tmp / "unet").mkdir()
             self.unet.unet.save_config(tmp / "unet")
             base = {k: v.detach().cpu().contiguous() for k, v in self.unet.base_state_dict().items()}
-            save_file(base, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            save_tensors(base, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "tokenizer")

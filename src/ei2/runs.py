@@ -3,8 +3,11 @@
     final = runs.edit(settings, progress=lambda stage, step, total: ..., say=print)
 
 A run is built in `<out>.partial/` (`Staging`) and renamed to `<out>` when complete, so a run folder
-is either whole or absent. Bad input raises an `EI2Error` (or `AdapterMismatchError`) and leaves no
-run folder; an interrupted tuning keeps its checkpoints in `<out>.partial/` for `resume`.
+is either whole or absent. The partial folder is locked (an OS lock the kernel drops when the process dies)
+from before the model loads: a second run on the same `--out` is refused and touches nothing. Bad input raises
+an `EI2Error` (or `AdapterMismatchError`) and leaves no run folder. What can be resumed is never deleted by an
+error: tuning checkpoints and a finished adapter stay in `<out>.partial/` for `resume` (an edit resumed after
+its tuning finished goes straight to inversion), and a refused resume leaves the folder as it was.
 
 Under `accelerate launch --multi_gpu --num_processes N`, `tune` and `edit` share the tuning out among the
 processes: each takes its own seeded clips (micro-batches) of every step and the gradients are averaged, so the
@@ -21,6 +24,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
+import json
+import math
 import os
 import platform
 import re
@@ -31,11 +37,15 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as cfg
-from .errors import ConfigError, EI2Error
-from .files import replace_folder, write_json
+from .errors import ConfigError, EI2Error, FileSystemError
+from .files import FolderBusyError, FolderLock, file_system_problem, replace_folder, write_json
 
 RUN_FILE = "run.json"
 PARTIAL = ".partial"
+WARNING = "warning: "  # the start of a `say` message that --quiet does not silence
+MAX_INFERENCE_STEPS = 1000
+MAX_GUIDANCE_SCALE = 100.0
+TUNED_FILE = ".tuned.json"  # in `<out>.partial/` beside a finished adapter: what it was tuned on, for `resume`
 
 Progress = Callable[[str, int, int], None]
 Say = Callable[[str], None]
@@ -44,6 +54,10 @@ Say = Callable[[str], None]
 # ---------------------------------------------------------------------------------------------- checks
 def validate(s: cfg.Settings, command: str) -> None:
     """Check the settings of `command` before anything is loaded; a problem is a `ConfigError`."""
+    for f in dataclasses.fields(s):  # every number: the CLI, YAML, app and benchmark all come through here
+        v = getattr(s, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{cfg.flag(f.name)} must be a finite number, got {v}")
     if not s.video:
         raise ConfigError("no video given; pass VIDEO (a file or folder of frames) or `video:` in --config")
     if not (s.source_prompt or "").strip():
@@ -54,8 +68,12 @@ def validate(s: cfg.Settings, command: str) -> None:
         for p in s.target_prompt:
             if not p.strip():
                 raise ConfigError('a --target-prompt is empty; describe the edited video in words')
-        if s.inference_steps < 1:
-            raise ConfigError(f"--inference-steps must be at least 1, got {s.inference_steps}")
+        if not 1 <= s.inference_steps <= MAX_INFERENCE_STEPS:
+            raise ConfigError(f"--inference-steps must be between 1 and {MAX_INFERENCE_STEPS} (the training "
+                              f"timesteps of Stable Diffusion), got {s.inference_steps}")
+        if not 0 <= s.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ConfigError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE_SCALE:g} (1: no guidance; "
+                              f"Stable Diffusion's usual 7.5), got {s.guidance_scale}")
         if s.fps is not None and s.fps <= 0:
             raise ConfigError(f"--fps must be positive, got {s.fps}")
         if not 0 < s.strength <= 1:
@@ -213,8 +231,6 @@ def _run_folder(s: cfg.Settings, command: str, root: Path | str = "outputs") -> 
         raise ConfigError(f"--out {final} is a file, not a folder")
     if s.resume and not partial.is_dir():
         raise ConfigError(f"--resume: no interrupted run at {partial}; run without --resume to start")
-    if partial.exists() and not s.resume and not s.overwrite:
-        raise ConfigError(f"{partial} holds an interrupted run; pass --resume to continue it or --overwrite to start over")
     return final
 
 
@@ -223,45 +239,119 @@ def _partial(final: Path) -> Path:
 
 
 class Staging:
-    """`<out>.partial/` while a run is built; renamed to `<out>` on success, removed on bad input."""
+    """`<out>.partial/` while a run is built: locked from `__enter__` (before the model loads) to the end, renamed
+    to `<out>` by `commit`.
 
-    def __init__(self, final: Path, resume: bool):
-        self.final, self.path, self.resume = final, _partial(final), resume
+    On entry, another live run's folder is refused ("another ei2 run (PID n) is writing ..."); a folder left by
+    a dead run is "interrupted": it needs `resume` (continue it) or `overwrite` (empty it). On failure the
+    folder is removed only if this process started it (no `resume`) and nothing resumable exists yet (a tuning
+    checkpoint or a finished adapter); otherwise it stays as it is, and an interruption says how to go on.
+    """
+
+    def __init__(self, final: Path, resume: bool, overwrite: bool = False):
+        self.final, self.path, self.resume, self.overwrite = final, _partial(final), resume, overwrite
         self.created_parents: list[Path] = []
-        self.keep_on_interrupt = False
+        self.lock = FolderLock(self.path)
 
     def __enter__(self) -> "Staging":
         parent = self.path.parent
         while not parent.exists():
             self.created_parents.append(parent)
             parent = parent.parent
-        if self.path.exists() and not self.resume:
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock.acquire()
+        except FolderBusyError as e:
+            owner = f" (PID {e.pid})" if e.pid else ""
+            raise ConfigError(f"another ei2 run{owner} is writing {self.final}; wait for it or choose another --out") \
+                from None
+        except OSError as e:
+            self._remove_created_parents()
+            raise file_system_error(e, self.path) from e
+        try:
+            self._check_state()
+        except BaseException:
+            if self.lock.created:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self._remove_created_parents()
+            self.lock.release()
+            raise
+        self.lock.write_pid()
         return self
 
+    def _check_state(self) -> None:
+        held = [p for p in self.path.iterdir() if p.name != FolderLock.PID_FILE]
+        if self.resume:
+            if not self.resumable():
+                raise ConfigError(f"--resume: nothing to resume in {self.path} (no tuning checkpoint and no finished "
+                                  "adapter); start over with --overwrite")
+        elif held:
+            if not self.overwrite:
+                raise ConfigError(f"{self.path} holds an interrupted run; pass --resume to continue it or --overwrite "
+                                  "to start over")
+            for p in held:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    def resumable(self) -> str | None:
+        """What `resume` would continue from: "adapter" (tuning finished), "checkpoint", or None."""
+        from .models.video_unet import ADAPTER_CONFIG
+        from .tuning import latest_checkpoint
+
+        if (self.path / TUNED_FILE).is_file() and (self.path / "adapter" / ADAPTER_CONFIG).is_file():
+            return "adapter"
+        return "checkpoint" if latest_checkpoint(self.path / "checkpoints") is not None else None
+
     def commit(self) -> Path:
+        self.lock.forget_pid()
+        (self.path / TUNED_FILE).unlink(missing_ok=True)
         return replace_folder(self.path, self.final)
 
     def __exit__(self, kind, error, tb):
-        if kind is None:
+        try:
+            if kind is None:
+                return False
+            kept = self.resumable()
+            if self.resume or kept:
+                if kept and not isinstance(error, EI2Error):  # an interruption: say how to go on
+                    what = "the tuned adapter" if kept == "adapter" else "tuning checkpoints"
+                    print(f"ei2: {what} kept in {self.path}; continue with the same command and --resume",
+                          file=sys.stderr)
+                return False
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._remove_created_parents()
             return False
-        interrupted = not issubclass(kind, EI2Error) and not _is_adapter_error(error)
-        if interrupted and self.keep_on_interrupt:
-            print(f"ei2: tuning checkpoints kept in {self.path}; continue with the same command and --resume",
-                  file=sys.stderr)
-            return False
-        shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+    def _remove_created_parents(self) -> None:
         for parent in self.created_parents:  # innermost first
             with contextlib.suppress(OSError):
                 parent.rmdir()
-        return False
 
 
-def _is_adapter_error(error) -> bool:
-    from .models import AdapterMismatchError
+def file_system_error(error: OSError, where: Path) -> FileSystemError:
+    """One line for a file-system failure the user can act on, naming the path and what to do."""
+    path = error.filename or where
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space there or choose another --out"
+    elif error.errno == errno.EROFS:
+        advice = "the file system is read-only; choose another --out"
+    else:
+        advice = "choose an --out in a folder you can write to"
+    return FileSystemError(f"cannot write {path}: {error.strerror or error}; {advice}")
 
-    return isinstance(error, AdapterMismatchError)
+
+@contextlib.contextmanager
+def _file_system_errors(where: Path):
+    """Turn a file-system failure (permission, no space, read-only) met while writing `where` into one line."""
+    try:
+        yield
+    except EI2Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, or a library's wrapper of one (safetensors)
+        problem = file_system_problem(e)
+        if problem is None:
+            raise
+        raise file_system_error(problem, where) from e
 
 
 def _versions() -> dict:
@@ -361,21 +451,33 @@ def configure(pipe, s: cfg.Settings) -> None:
 
 def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, record: dict,
           report: Progress | None = None, control=None) -> None:
+    """Tune (from the latest checkpoint with `resume`) and save the adapter in the staging folder, with what it was
+    tuned on (`TUNED_FILE`); a resumed run whose tuning had finished loads that adapter instead of tuning again."""
     from .tuning import across_processes
 
+    tuned_on = _tuned_on(s, record, control)
+    if s.resume and staging.resumable() == "adapter":
+        saved = json.loads((staging.path / TUNED_FILE).read_text())
+        changed = [key for key in tuned_on if saved["tuned_on"].get(key) != tuned_on[key]]
+        if changed:
+            raise ConfigError(f"--resume: the adapter in {staging.path} was tuned with another "
+                              f"{', '.join(changed)}; use the settings of the interrupted run (or start over with "
+                              "--overwrite)")
+        pipe.load_adapter(staging.path / "adapter")
+        record["tuning"] = {**saved["tuning"], "reloaded": True}
+        timings.update(saved["timings"])
+        return
     checkpoints = staging.path / "checkpoints"
-    staging.keep_on_interrupt = s.checkpoint_every > 0
     if report is not None:
         report("tuning", 0, s.steps)
     with across_processes():  # under `accelerate launch`, the processes share the steps (`ei2.tuning`)
         result = pipe.tune(
             latents=latents, source_prompt=s.source_prompt, steps=s.steps, learning_rate=s.lr, seed=s.seed,
             gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoints,
-            checkpoint_every=s.checkpoint_every, resume=s.resume,
+            checkpoint_every=s.checkpoint_every, resume=s.resume and staging.resumable() == "checkpoint",
             callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
             control=control if s.control_tuning else None,
         )
-    staging.keep_on_interrupt = False
     timings["tune_s"] = round(result.seconds, 3)
     timings["tune_step_s"] = None if result.seconds_per_step is None else round(result.seconds_per_step, 4)
     record["tuning"] = {
@@ -385,6 +487,23 @@ def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, recor
         "last_loss": result.losses[-1] if result.losses else None,
         "losses": [round(v, 6) for v in result.losses],
     }
+    _save_tuned(s, pipe, staging, tuned_on, record["tuning"],
+                {"tune_s": timings["tune_s"], "tune_step_s": timings["tune_step_s"]})
+
+
+def _save_tuned(s: cfg.Settings, pipe, staging: Staging, tuned_on: dict, tuning: dict | None, times: dict) -> None:
+    """The finished adapter and what it was tuned on, then the checkpoints go: the adapter is what resumes now."""
+    pipe.save_adapter(staging.path / "adapter")  # `--adapter <out>` finds it there
+    write_json(staging.path / TUNED_FILE, {"tuned_on": tuned_on, "tuning": tuning, "timings": times})
+    shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
+
+
+def _tuned_on(s: cfg.Settings, record: dict, control) -> dict:
+    """What a finished adapter depends on: a resumed run must match it to reuse the adapter."""
+    return {"video": record["video"]["hash"], "source prompt": s.source_prompt, "model": record["model"]["base_fingerprint"],
+            "recipe": record["recipe"], "tuning steps": s.steps, "learning rate": s.lr, "seed": s.seed,
+            "window": s.window, "structure condition": control.key() if control is not None and s.control_tuning
+            else None}
 
 
 def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path) -> dict:
@@ -407,14 +526,28 @@ def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path)
         "model": {"source": settings["model"], "base_fingerprint": str(pipe.unet.base_fingerprint)},
         "recipe": pipe.unet.recipe.to_dict(),
         "windowing": pipe.windowing.record(video.num_frames),
+        "prompts_truncated": _prompts_truncated(s, command, pipe),
     }
+
+
+def _prompts_truncated(s: cfg.Settings, command: str, pipe) -> dict[str, int]:
+    """The prompts longer than the text encoder takes, with how many tokens of each are dropped."""
+    prompts = [s.source_prompt] + (list(s.target_prompt) + [s.negative_prompt or ""] if command == cfg.EDIT else [])
+    return {p: n for p in prompts if p and (n := pipe.prompt_overflow(p))}
+
+
+def _warn_truncated(record: dict, pipe, say: Say) -> None:
+    for prompt, n in record["prompts_truncated"].items():
+        say(f"{WARNING}the prompt {prompt!r} is {n} token(s) longer than the text encoder takes "
+            f"({pipe.tokenizer.model_max_length}, with its start and end tokens); they are dropped")
 
 
 def _frames_phrase(pipe, video) -> str:
     """"8 frames", or "40 frames (clips of 8)" for a windowed video."""
+    frames = f"{video.num_frames} frame{'s' if video.num_frames != 1 else ''}"
     if pipe.windowed(video.num_frames):
-        return f"{video.num_frames} frames (clips of {pipe.windowing.window})"
-    return f"{video.num_frames} frames"
+        return f"{frames} (clips of {pipe.windowing.window})"
+    return frames
 
 
 def _noop(message: str) -> None:
@@ -453,14 +586,15 @@ def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, 
     final = _run_folder(s, cfg.TUNE, root)
     t0 = time.perf_counter()
     timings: dict = {}
-    if progress is not None:
-        progress("load", 0, 1)
-    pipe, video, size = _prepare(s, cfg.TUNE, timings)
-    if progress is not None:
-        progress("load", 1, 1)
-    record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
-    control, made = structure_control(s, pipe, video.frames)
-    with Staging(final, s.resume) as staging:
+    with _file_system_errors(final), Staging(final, s.resume, s.overwrite) as staging:
+        if progress is not None:
+            progress("load", 0, 1)
+        pipe, video, size = _prepare(s, cfg.TUNE, timings)
+        if progress is not None:
+            progress("load", 1, 1)
+        record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
+        _warn_truncated(record, pipe, say)
+        control, made = structure_control(s, pipe, video.frames)
         if control is not None:
             record["control"] = _control_record(s, control, _write_control_maps(made, staging.path, video.fps),
                                                 cfg.TUNE)
@@ -470,8 +604,6 @@ def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, 
         latents = pipe.encode_frames(video.frames)
         _tune(s, pipe, latents, staging, timings, record, progress, control)  # checkpoints: rank 0's only
         if rank == 0:
-            pipe.save_adapter(staging.path / "adapter")  # `--adapter <out>` finds it there
-            shutil.rmtree(staging.path / "checkpoints", ignore_errors=True)
             timings["total_s"] = round(time.perf_counter() - t0, 3)
             record["timings"] = timings
             record["adapter"] = {"path": str(final), "hash": pipe.adapter_hash()}
@@ -515,90 +647,104 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
     final = _run_folder(s, cfg.EDIT, root)
     t0 = time.perf_counter()
     timings: dict = {}
-    if progress is not None:
-        progress("load", 0, 1)
-    pipe, video, size = _prepare(s, cfg.EDIT, timings)
-    if progress is not None:
-        progress("load", 1, 1)
-    record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
-    record["windowing"]["processes"] = world
-    p2p = check_control(s, pipe)
-    control, made = structure_control(s, pipe, video.frames)
-    fps = s.fps or video.fps
-    with Staging(final, s.resume) as staging, _Reporter(pipe, progress) as report:
-        out = staging.path
-        if control is not None:
-            record["control"] = _control_record(s, control, _write_control_maps(made, out, fps), cfg.EDIT)
-        latents = pipe.encode_frames(video.frames)
-        if s.adapter:
-            say(f"using adapter {s.adapter} (recipe {pipe.unet.recipe.name}); no tuning")
-            record["adapter"] = {"path": str(s.adapter), "hash": pipe.adapter_hash(), "reused": True}
-        else:
-            if s.steps:
-                say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
-                    f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
-                _tune(s, pipe, latents, staging, timings, record, progress, control)
-                broadcast_parameters([p for _, p in pipe.unet.trainable_parameters()])
-            pipe.save_adapter(out / "adapter")
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            record["adapter"] = {"path": "adapter", "hash": pipe.adapter_hash(), "reused": False}
-
-        t = time.perf_counter()
-        inversion_control = control if s.control_inversion else None
-        cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps, inversion_control, s.strength)
-        inverted = None
-        if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
-            report("inversion", 0, s.inference_steps)
-            inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
-                                   strength=s.strength, control=inversion_control)
-            report("inversion", s.inference_steps, s.inference_steps)
-        timings["invert_s"] = round(time.perf_counter() - t, 3)
-        record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
-                               "null_text": s.null_text, "strength": s.strength,
-                               "noise_regularization": None if pipe.noise_regularization is None
-                               else dataclasses.asdict(pipe.noise_regularization),
-                               "sampled_steps": _sampled_steps(s)}
-        if p2p is not None:
-            record["p2p"] = p2p.to_dict()
-        injection = injection_config(s)
-        if injection.active(_sampled_steps(s)):
-            record["injection"] = injection.to_dict()
-
-        edits, edited, timings["edit_s"] = [], [], []
-        (out / "edits").mkdir()
-        for i, prompt in enumerate(s.target_prompt, 1):
-            t = time.perf_counter()
-            say(f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
-            report.stage = f"edit {i}/{len(s.target_prompt)}"
-            report(report.stage, 0, _sampled_steps(s))
-            stem = f"{i:02d}-{_slug(prompt)}"
-            frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem, control)
-            timings["edit_s"].append(round(time.perf_counter() - t, 3))
-            write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
-            write_gif(frames, out / "edits" / f"{stem}.gif", fps)
-            edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
-            edited.append(frames)
-            report(report.stage, _sampled_steps(s), _sampled_steps(s))
-        report.stage = None
-
-        t = time.perf_counter()
-        report("write", 0, 1)
-        write_mp4(video.frames, out / "source.mp4", fps)
-        write_gif(video.frames, out / "source.gif", fps)
-        grid = make_grid([video.frames, *(m for _, m in made), *edited],
-                         ["source: " + s.source_prompt, *(f"control: {label}" for label, _ in made), *s.target_prompt])
-        write_mp4(np.ascontiguousarray(grid), out / "grid.mp4", fps)
-        write_gif(grid, out / "grid.gif", fps)
-        timings["write_s"] = round(time.perf_counter() - t, 3)
-        timings["total_s"] = round(time.perf_counter() - t0, 3)
-        record["timings"] = timings
-        record["outputs"] = {"edits": edits, "source": ["source.mp4", "source.gif"], "grid": ["grid.mp4", "grid.gif"],
-                             "adapter": record["adapter"]["path"]}
-        write_json(out / RUN_FILE, record)
-        staging.commit()
-        report("write", 1, 1)
-    say(f"wrote {len(edits)} edit(s) to {final}")
+    with _file_system_errors(final), Staging(final, s.resume, s.overwrite) as staging:
+        if progress is not None:
+            progress("load", 0, 1)
+        pipe, video, size = _prepare(s, cfg.EDIT, timings)
+        if progress is not None:
+            progress("load", 1, 1)
+        record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
+        _warn_truncated(record, pipe, say)
+        record["windowing"]["processes"] = world
+        p2p = check_control(s, pipe)
+        control, made = structure_control(s, pipe, video.frames)
+        with _Reporter(pipe, progress) as report:
+            _edit_stages(s, pipe, video, size, record, timings, t0, staging, report, say, p2p, control, made)
+    say(f"wrote {len(s.target_prompt)} edit(s) to {final}")
     return final
+
+
+def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict, t0: float, staging: Staging,
+                 report: "_Reporter", say: Say, p2p, control, made) -> None:
+    """Tuning (or the reused adapter), inversion, the edits and the files of an edit run, in the locked folder."""
+    import numpy as np
+
+    from .video import make_grid, write_gif, write_mp4
+    from .windows import broadcast_parameters
+
+    fps = s.fps or video.fps
+    out = staging.path
+    if control is not None:
+        record["control"] = _control_record(s, control, _write_control_maps(made, out, fps), cfg.EDIT)
+    latents = pipe.encode_frames(video.frames)
+    if s.adapter:
+        say(f"using adapter {s.adapter} (recipe {pipe.unet.recipe.name}); no tuning")
+        record["adapter"] = {"path": str(s.adapter), "hash": pipe.adapter_hash(), "reused": True}
+    else:
+        if s.steps:
+            say(f"tuning {s.steps} steps on {_frames_phrase(pipe, video)} of {size[1]}x{size[0]} "
+                f"(recipe {pipe.unet.recipe.name}, {pipe.unet.device})")
+            _tune(s, pipe, latents, staging, timings, record, report.progress, control)
+            broadcast_parameters([p for _, p in pipe.unet.trainable_parameters()])
+        else:
+            _save_tuned(s, pipe, staging, _tuned_on(s, record, control), None, {})
+        record["adapter"] = {"path": "adapter", "hash": pipe.adapter_hash(), "reused": False}
+
+    t = time.perf_counter()
+    inversion_control = control if s.control_inversion else None
+    cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps, inversion_control, s.strength)
+    inverted = None
+    if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
+        report("inversion", 0, s.inference_steps)
+        inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
+                               strength=s.strength, control=inversion_control)
+        report("inversion", s.inference_steps, s.inference_steps)
+    timings["invert_s"] = round(time.perf_counter() - t, 3)
+    record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
+                           "null_text": s.null_text, "strength": s.strength,
+                           "noise_regularization": None if pipe.noise_regularization is None
+                           else dataclasses.asdict(pipe.noise_regularization),
+                           "sampled_steps": _sampled_steps(s)}
+    if p2p is not None:
+        record["p2p"] = p2p.to_dict()
+    injection = injection_config(s)
+    if injection.active(_sampled_steps(s)):
+        record["injection"] = injection.to_dict()
+
+    edits, edited, timings["edit_s"] = [], [], []
+    shutil.rmtree(out / "edits", ignore_errors=True)  # a resumed run's unfinished edits are made again
+    (out / "edits").mkdir()
+    for i, prompt in enumerate(s.target_prompt, 1):
+        t = time.perf_counter()
+        say(f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
+        report.stage = f"edit {i}/{len(s.target_prompt)}"
+        report(report.stage, 0, _sampled_steps(s))
+        stem = f"{i:02d}-{_slug(prompt)}"
+        frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem, control)
+        timings["edit_s"].append(round(time.perf_counter() - t, 3))
+        write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
+        write_gif(frames, out / "edits" / f"{stem}.gif", fps)
+        edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
+        edited.append(frames)
+        report(report.stage, _sampled_steps(s), _sampled_steps(s))
+    report.stage = None
+
+    t = time.perf_counter()
+    report("write", 0, 1)
+    write_mp4(video.frames, out / "source.mp4", fps)
+    write_gif(video.frames, out / "source.gif", fps)
+    grid = make_grid([video.frames, *(m for _, m in made), *edited],
+                     ["source: " + s.source_prompt, *(f"control: {label}" for label, _ in made), *s.target_prompt])
+    write_mp4(np.ascontiguousarray(grid), out / "grid.mp4", fps)
+    write_gif(grid, out / "grid.gif", fps)
+    timings["write_s"] = round(time.perf_counter() - t, 3)
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    record["timings"] = timings
+    record["outputs"] = {"edits": edits, "source": ["source.mp4", "source.gif"], "grid": ["grid.mp4", "grid.gif"],
+                         "adapter": record["adapter"]["path"]}
+    write_json(out / RUN_FILE, record)
+    staging.commit()
+    report("write", 1, 1)
 
 
 def edit_one(s: cfg.Settings, pipe, latents, inverted, prompt: str, p2p, stem: Path, control=None):

@@ -48,12 +48,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import TuningError
-from .files import write_json
+from .files import check_digests, file_digest, save_tensors, write_json
 from .inversion import tensor_hash
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -232,7 +232,8 @@ def tune(
     start = 0
     checkpoint = _read_shared_checkpoint(checkpoint_dir, resume, rank, world, device)
     if checkpoint is not None:
-        start, result.losses = _apply_checkpoint(checkpoint, unet, names, optimizer, accelerator, generator, identity)
+        start, result.losses = _apply_checkpoint(checkpoint, unet, names, optimizer, accelerator, generator,
+                                                  identity, config)
         result.resumed_from = start
         if start > config.steps:
             raise TuningError(f"the checkpoint in {checkpoint['path']} is at step {start}, past --steps {config.steps}")
@@ -362,7 +363,7 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     own = dict(unet.trainable_parameters())
-    save_file({n: own[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+    save_tensors({n: own[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
 
     state = optimizer.state_dict()  # accelerate's wrapper returns the torch optimizer's
     tensors, scalars = {}, {}
@@ -373,7 +374,7 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
             else:
                 scalars[f"{index}.{key}"] = value
     if tensors:
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_tensors(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"noise_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -382,10 +383,11 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
         if module._u is not None:
             rng[f"spectral.{name}.u"] = module._u.detach().cpu().contiguous()
             rng[f"spectral.{name}.v"] = module._v.detach().cpu().contiguous()
-    save_file(rng, str(tmp / "state.safetensors"))
+    save_tensors(rng, str(tmp / "state.safetensors"))
     meta = {
         "format": "ei2-tuning-checkpoint",
         "step": step,
+        "files": {p.name: file_digest(p) for p in sorted(tmp.glob("*.safetensors"))},  # checked on resume
         "identity": identity,
         "losses": losses,
         "config": dataclasses.asdict(config),
@@ -404,18 +406,23 @@ def _read_checkpoint(checkpoint_dir: Path) -> dict:
     """The files of the latest checkpoint in `checkpoint_dir`, as a dict (a `TuningError` when none or damaged)."""
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
-        raise TuningError(f"--resume: no tuning checkpoint in {checkpoint_dir}; run without --resume to start over")
+        raise TuningError(f"--resume: no tuning checkpoint in {checkpoint_dir}; start over with --overwrite")
     try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+        damaged = check_digests(path, meta.get("files", {}))
+        if damaged:
+            raise ValueError(f"{', '.join(damaged)} do(es) not match the digest written with it")
         return {
             "path": str(path),
-            "meta": json.loads((path / "checkpoint.json").read_text()),
+            "meta": meta,
             "trainable": load_file(str(path / "trainable.safetensors")),
             "state": load_file(str(path / "state.safetensors")),
             "optimizer": load_file(str(path / "optimizer.safetensors"))
             if (path / "optimizer.safetensors").exists() else {},
         }
     except Exception as e:
-        raise TuningError(f"--resume: checkpoint {path} is damaged ({e}); delete it to resume from an earlier one") from e
+        raise TuningError(f"--resume: checkpoint {path} is damaged ({e}); the run folder is kept as it was: "
+                          f"start over with --overwrite (only the latest checkpoint is kept)") from e
 
 
 def _read_shared_checkpoint(checkpoint_dir: Path | None, resume: bool, rank: int, world: int, device) -> dict | None:
@@ -438,7 +445,7 @@ def _read_shared_checkpoint(checkpoint_dir: Path | None, resume: bool, rank: int
     return checkpoint
 
 
-def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, generator, identity):
+def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, generator, identity, config):
     path, meta, trainable, state = checkpoint["path"], checkpoint["meta"], checkpoint["trainable"], checkpoint["state"]
     opt_tensors = checkpoint["optimizer"]
     for key, label in (("recipe", "recipe"), ("base_fingerprint", "base model"), ("data", "video and prompt"),
@@ -446,7 +453,16 @@ def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, gen
         if meta["identity"].get(key) != identity.get(key):
             raise TuningError(
                 f"--resume: checkpoint {path} was made with another {label}; "
-                f"use the settings of the interrupted run or drop --resume"
+                f"use the settings of the interrupted run (or start over with --overwrite)"
+            )
+    saved_config, own_config = meta.get("config", {}), dataclasses.asdict(config)
+    for key, label in (("learning_rate", "learning rate (--lr)"), ("seed", "seed (--seed)"),
+                       ("mixed_precision", "precision (--dtype)")):
+        if key in saved_config and saved_config[key] != own_config[key]:
+            raise TuningError(
+                f"--resume: checkpoint {path} was made with {label} {saved_config[key]}, this run asks for "
+                f"{own_config[key]}; resume with the interrupted run's {label.split(' (')[0]} (or start over with "
+                f"--overwrite)"
             )
     made_with = meta["identity"].get("micro_batches", 1)  # checkpoints from before micro-batches: one per step
     if made_with != identity["micro_batches"]:

@@ -29,10 +29,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.utils import BaseOutput
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ..files import replace_folder, write_json
+from ..files import check_digests, file_digest, replace_folder, save_tensors, write_json
 from .context import VideoContext
 from .frame_attention import frame_attention_processor
 from .recipes import Recipe, get_recipe
@@ -293,7 +293,7 @@ class VideoUNet(ModelMixin, ConfigMixin):
         path = Path(save_directory) / PRETRAINED_VALUES
         base = getattr(self, "_base_values", None)
         if base:
-            save_file({k: v.contiguous() for k, v in base.items()}, str(path), metadata={"format": "pt"})
+            save_tensors({k: v.contiguous() for k, v in base.items()}, str(path), metadata={"format": "pt"})
         elif path.exists():
             path.unlink()  # a stale file of an earlier save into the same folder
 
@@ -421,7 +421,8 @@ class VideoUNet(ModelMixin, ConfigMixin):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_tensors(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            meta["sha256"] = file_digest(tmp / ADAPTER_WEIGHTS)  # load_adapter refuses weights that do not match
             write_json(tmp / ADAPTER_CONFIG, meta)
             replace_folder(tmp, directory)  # the folder is the old adapter or the new one, never a mix
         finally:
@@ -452,6 +453,19 @@ class VideoUNet(ModelMixin, ConfigMixin):
             raise AdapterMismatchError(f"{path} is not an ei2 adapter file")
         return meta
 
+    @staticmethod
+    def _read_adapter_tensors(directory: Path, meta: dict) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, after checking them against the digest written with them (adapters written
+        before digests are read as they are); a damaged file is an `AdapterMismatchError`, never a traceback."""
+        path = Path(directory) / ADAPTER_WEIGHTS
+        if "sha256" in meta and check_digests(directory, {ADAPTER_WEIGHTS: meta["sha256"]}):
+            raise AdapterMismatchError(f"adapter {path} is damaged (its bytes do not match the digest in "
+                                       f"{ADAPTER_CONFIG}); tune it again with `ei2 tune`")
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise AdapterMismatchError(f"adapter {path} cannot be read ({e}); tune it again with `ei2 tune`") from e
+
     @classmethod
     def read_adapter_recipe(cls, directory: str | Path) -> Recipe:
         return Recipe.from_dict(cls._read_adapter_meta(directory)["recipe"])
@@ -477,7 +491,7 @@ class VideoUNet(ModelMixin, ConfigMixin):
                 f"{base.structure}, this model {self.base_fingerprint.structure}); use the --model it was made "
                 f"with, or tune again"
             )
-        tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+        tensors = self._read_adapter_tensors(directory, meta)
         own = dict(self.trainable_parameters())
         if set(tensors) != set(own):
             raise AdapterMismatchError(f"adapter {directory} holds other tensors than recipe {recipe.name!r} tunes")
