@@ -125,6 +125,23 @@ class FolderLock:
         with contextlib.suppress(OSError):
             (self.folder / self.PID_FILE).write_text(f"{os.getpid()}\n")
 
+    @staticmethod
+    def held(folder: str | os.PathLike) -> bool:
+        """Whether a live process holds `folder`'s lock now (a cleaner must leave such a folder alone)."""
+        import fcntl
+
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def owner(self) -> int | None:
         """The PID written by the process that holds (or last held) the lock, if any."""
         with contextlib.suppress(OSError, ValueError):
