@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _quiet_libraries()
+    from .cpu import use_free_cores
     from .models import AdapterMismatchError
+
+    use_free_cores()  # one torch thread per free core (ei2.cpu), unless OMP_NUM_THREADS says otherwise
 
     try:
         return args.handler(args, argv if argv is not None else sys.argv[1:])

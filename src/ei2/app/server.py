@@ -25,6 +25,7 @@ import secrets
 import shutil
 import sys
 import threading
+import time
 import traceback
 import zipfile
 from pathlib import Path
@@ -34,6 +35,7 @@ import gradio as gr
 from .. import config as cfg
 from .. import runs
 from ..files import write_json
+from ..cpu import use_free_cores
 from ..errors import ConfigError, EI2Error
 from . import FILES
 
@@ -43,12 +45,68 @@ P2P_OFF = "off"
 CONTROL_OFF = "off"  # no structure condition
 CSS = """
 #ei2-status { min-height: 7em; }
+#ei2-status .ei2-now { font-weight: 600; margin-bottom: 4px; }
 #ei2-status .ei2-bar { font-family: ui-monospace, monospace; white-space: pre; }
 #ei2-status .ei2-error { color: #b91c1c; font-weight: 600; }
+.ei2-note { background: #fef3c7; border-left: 4px solid #d97706; padding: 6px 10px; border-radius: 4px; }
 #ei2-grid video, #ei2-edits video, #ei2-edits img, #ei2-preview video { image-rendering: pixelated; }
 #ei2-grid video { width: 100%; height: auto; max-height: none; }
+#ei2-edits .caption-label { white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
+                            max-width: calc(100% - 16px) !important; }
+#ei2-downloads .label-clear-button, #ei2-downloads td:has(> .label-clear-button) { display: none !important; }
+@media (min-width: 1000px) {  /* the results beside the long form stay in view while it scrolls */
+  #ei2-results { position: sticky; top: 8px; align-self: flex-start; max-height: calc(100vh - 16px);
+                 overflow-y: auto; flex-wrap: nowrap !important; }
+  #ei2-results > * { flex-shrink: 0; }
+}
+#ei2-stage .ei2-stage { display: flex; gap: 16px; align-items: center; padding: 28px 20px; min-height: 160px;
+                        border: 1px dashed #a5b4fc; border-radius: 8px; }
+#ei2-stage .ei2-stage-text { flex: 1; }
+#ei2-stage .ei2-stage-now { font-size: 1.15em; font-weight: 600; margin-bottom: 10px; }
+#ei2-stage .ei2-meter { height: 10px; background: #e0e7ff; border-radius: 5px; overflow: hidden; }
+#ei2-stage .ei2-meter div { height: 100%; background: #6366f1; transition: width 0.4s; }
+#ei2-stage .ei2-spinner { width: 28px; height: 28px; border: 4px solid #e0e7ff; border-top-color: #6366f1;
+                          border-radius: 50%; animation: ei2-spin 0.9s linear infinite; }
+@keyframes ei2-spin { to { transform: rotate(360deg); } }
+.gradio-container { overflow: visible !important; }  /* its `hidden` would keep the results from sticking */
 footer { display: none !important; }
 """
+# The one table of the page's words: each `ei2 edit` flag the form sets -> the label of its control. The job layer
+# (`runs`, `config`) raises its errors in the CLI's words; `page_words` renders them with these labels, and
+# `blocks()` labels the controls with them, so that an error names the field as the page shows it.
+FIELDS = {
+    "--source-prompt": "Source prompt", "--target-prompt": "Target prompts", "--recipe": "Recipe",
+    "--frames": "Frames", "--steps": "Tuning steps", "--inference-steps": "Inference steps",
+    "--guidance-scale": "Guidance scale", "--seed": "Seed", "--strength": "Edit strength",
+    "--guidance-rescale": "Guidance rescale", "--negative-prompt": "Negative prompt", "--p2p": "Prompt-to-Prompt",
+    "--cross-replace": "Cross replace", "--self-replace": "Self replace", "--reweight": "Reweight",
+    "--blend-words": "Blend words", "--blend-threshold": "Blend threshold", "--inject-features": "Inject features",
+    "--inject-attention": "Inject attention", "--inject-block": "Decoder block", "--control": "Condition",
+    "--control-scale": "Condition scale",
+}
+_FLAG = re.compile(r"--[a-z0-9]+(?:-[a-z0-9]+)*")
+_FLAG_VALUE = re.compile(r"""(--[a-z0-9]+(?:-[a-z0-9]+)*) ("[^"]*"|'[^']*')""")  # --target-prompt "a panda ..."
+# the command line's verb for giving a value, where the value goes into a control of the form
+_PASS = re.compile(r"\bpass (?=one or more\b|(?:%s)\b)" % "|".join(map(re.escape, FIELDS)))
+
+
+def page_words(message: str) -> str:
+    """A message in the CLI's words, rendered in the page's (`FIELDS`): `--target-prompt` -> "Target prompts",
+    `--target-prompt "a panda"` -> `"a panda" in Target prompts`, "pass one or more" -> "type one or more".
+    Flags the form has no control for (`ei2 serve --max-steps`) stay as they are."""
+    message = _PASS.sub("type ", message)
+    message = _FLAG_VALUE.sub(lambda m: f"{m[2]} in {FIELDS[m[1]]}" if m[1] in FIELDS else m[0], message)
+    return _FLAG.sub(lambda m: FIELDS.get(m[0], m[0]), message)
+
+
+# Settings known to fail on a model, measured: model folder name -> the note shown beside the Prompt-to-Prompt
+# control while a mode is chosen. Shapes: benchmarks/shapes/RESULTS.md, "variant" table (36 edits, 288 frames).
+P2P_NOTES = {
+    "shapes-sd": "On this model (Shapes) Prompt-to-Prompt replace turned 19 of 288 edited frames into texture, "
+                 "46 of 288 with Blend words on the changed words, against 3 of 288 for the default edit without "
+                 "it (benchmarks/shapes/RESULTS.md; refine and reweight are not measured). Leave it off for "
+                 "colour and shape edits; for background edits use the structure condition below.",
+}
 HEX = re.compile(r"[0-9a-f]{64}")  # a folder of gradio's uploads (a seeded sha256 of the content)
 PRUNED = {"runs": "run", "uploads": "upload", "inversion-cache entries": "inversion-cache entry",
           "interrupted runs": "interrupted run"}  # what --keep-runs removes: plural -> singular
@@ -71,7 +129,8 @@ def _sha256(path: Path) -> str:
 
 
 def _number(value, name: str, whole: bool = True) -> int | float:
-    """A number box's value; an emptied box or a non-number is the one-line `ConfigError`."""
+    """A number box's value; an emptied box or a non-number is the one-line `ConfigError` (in the CLI's words:
+    `name` is the flag, which `page_words` renders as the box's label)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ConfigError(f"{name} is empty; type a number")
     try:
@@ -117,33 +176,54 @@ def _words(text) -> list[str]:
     return [w for w in str(text or "").replace(",", " ").split() if w]
 
 
-class _Progress:
-    """Collects `runs` progress (stage, step, total) from the job thread; renders it as HTML."""
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
-    def __init__(self, root: Path | None = None):
+
+STAGE_NAMES = {"waiting": "waiting for the previous job", "load": "loading the model", "write": "writing videos"}
+
+
+class _Progress:
+    """Collects `runs` progress (stage, step, total) from the job thread, with when each stage started and last
+    moved; renders it as HTML: a line saying what runs now (stage, step of total, elapsed, time left in the stage
+    at its pace so far), a bar per stage with its time, and the job's last messages."""
+
+    def __init__(self, root: Path | None = None, clock=time.monotonic):
         self.root = root  # paths under it are shown relative to it: the page does not show the server's folders
+        self.clock = clock
         self.stages: dict[str, tuple[int, int]] = {}
+        self.times: dict[str, list[float]] = {}  # stage -> [started, last moved]
+        self.paced: dict[str, tuple[float, int]] = {}  # stage -> (time, step) of its first step
         self.lock = threading.Lock()
         self.messages: list[str] = []
         self.cancel = threading.Event()  # set when the page that runs the job is closed
         self.last = ("waiting", 0, 0)
+        self.started = clock()
+        self.finished: float | None = None
 
     def __call__(self, stage: str, step: int, total: int) -> None:
         if self.cancel.is_set():  # runs.edit calls this at every step: the job stops at its next one
             raise JobCancelled(f"the page of this job was closed; cancelled at {stage} {step}/{total}")
+        now = self.clock()
         with self.lock:
+            self.times.setdefault(stage, [now, now])[1] = now
+            if step >= 1 and stage not in self.paced:
+                self.paced[stage] = (now, step)  # the first step includes the stage's set-up: pace counts after it
             self.stages[stage] = (step, total)
             self.last = (stage, step, total)
+
+    def done(self) -> None:
+        with self.lock:
+            self.finished = self.clock()
 
     def gradio_args(self) -> tuple:
         """The last event as `gr.Progress` arguments: ((step, total), desc) for a stage that counts steps, else a
         fraction with the stage's name ("loading the model", "writing videos")."""
         with self.lock:
             stage, step, total = self.last
-        if stage in ("waiting", "load", "write"):
-            label = {"waiting": "waiting for the previous job", "load": "loading the model",
-                     "write": "writing videos"}[stage]
-            return (1.0 if total and step >= total else 0.0), label
+        if stage in STAGE_NAMES:
+            return (1.0 if total and step >= total else 0.0), STAGE_NAMES[stage]
         return (step, total), stage
 
     def say(self, message: str) -> None:
@@ -152,21 +232,56 @@ class _Progress:
         with self.lock:
             self.messages.append(message)
 
-    def html(self, header: str = "") -> str:
+    def _left(self, stage: str, step: int, total: int, now: float) -> float | None:
+        """Seconds left in `stage` at its pace since its first step; None before two steps."""
+        if stage not in self.paced or step <= self.paced[stage][1] or step >= total:
+            return None
+        first, first_step = self.paced[stage]
+        moved = self.times[stage][1]
+        return (moved - first) / (step - first_step) * (total - step) - (now - moved)
+
+    def now_line(self) -> str:
+        """What runs now, in words: "tuning: step 12 of 100 · 0:24 · about 1:10 left in this stage"."""
+        now = self.clock()
         with self.lock:
-            stages, messages = dict(self.stages), list(self.messages)
+            stage, step, total = self.last
+            elapsed = (self.finished or now) - self.started
+            left = self._left(stage, step, total, now)
+        if self.finished is not None:
+            return f"finished in {_clock(elapsed)}"
+        what = STAGE_NAMES.get(stage, stage)
+        if stage not in STAGE_NAMES and total:
+            what += f": step {step} of {total}"
+        estimate = "" if left is None else f" · about {_clock(max(left, 0))} left in this stage"
+        return f"{what} · {_clock(elapsed)} so far{estimate}"
+
+    def stage_html(self) -> str:
+        """The stage card shown in the grid's place while the job runs: what runs now, a bar of its steps and its
+        times (`now_line`), under a spinner."""
+        with self.lock:
+            stage, step, total = self.last
+        fraction = min(step / total, 1.0) if total else 0.0
+        return (f"<div class='ei2-stage'><div class='ei2-spinner'></div><div class='ei2-stage-text'>"
+                f"<div class='ei2-stage-now'>{html.escape(self.now_line())}</div>"
+                f"<div class='ei2-meter'><div style='width: {100 * fraction:.1f}%'></div></div></div></div>")
+
+    def html(self, header: str = "") -> str:
+        now = self.clock()
+        with self.lock:
+            stages, messages, times = dict(self.stages), list(self.messages), dict(self.times)
         lines = []
         for stage, (step, total) in stages.items():
+            took = _clock(times[stage][1] - times[stage][0]) if stage in times else ""
             if stage in ("load", "write"):
-                label = {"load": "loading the model", "write": "writing videos"}[stage]
-                lines.append(f"{'✓' if step >= total else '…'} {label}")
+                lines.append(f"{'✓' if step >= total else '…'} {STAGE_NAMES[stage]:<18} {took:>5}")
                 continue
             width = 24
             filled = int(width * step / total) if total else width
-            lines.append(f"{stage:<20} {'█' * filled}{'░' * (width - filled)} {step}/{total}")
+            lines.append(f"{stage:<20} {'█' * filled}{'░' * (width - filled)} {step}/{total} {took:>5}")
         body = html.escape("\n".join(lines))
         notes = "".join(f"<div>{html.escape(m)}</div>" for m in messages[-3:])
-        return f"{header}<div class='ei2-bar'>{body}</div>{notes}"
+        return (f"<div class='ei2-now'>{html.escape(self.now_line())}</div>{header}"
+                f"<div class='ei2-bar'>{body}</div>{notes}")
 
 
 class App:
@@ -251,9 +366,9 @@ class App:
         """
         p2p = None if p2p in (None, "", P2P_OFF) else p2p
         control = None if control in (None, "", CONTROL_OFF) else control
-        frames = _number(frames, "Frames (--frames)")
-        steps = _number(steps, "Tuning steps (--steps)")
-        inference_steps = _number(inference_steps, "Inference steps (--inference-steps)")
+        frames = _number(frames, "--frames")
+        steps = _number(steps, "--steps")
+        inference_steps = _number(inference_steps, "--inference-steps")
         target_prompt = [line.strip() for line in str(targets or "").splitlines() if line.strip()]
         for flag, value, limit, serve_flag in (("--frames", frames, self.max_frames, "--max-frames"),
                                                ("--steps", steps, self.max_steps, "--max-steps"),
@@ -270,22 +385,22 @@ class App:
         values = dict(
             video=self._video(choice, upload), source_prompt=(source_prompt or "").strip(),
             target_prompt=target_prompt, model=self.model, recipe=recipe or None, frames=frames, steps=steps,
-            inference_steps=inference_steps, guidance_scale=_number(guidance, "Guidance scale (--guidance-scale)",
+            inference_steps=inference_steps, guidance_scale=_number(guidance, "--guidance-scale",
                                                                     whole=False),
-            seed=_number(seed, "Seed (--seed)"), device=self.device,
+            seed=_number(seed, "--seed"), device=self.device,
             negative_prompt=(negative_prompt or "").strip() or None,
             p2p=p2p, cross_replace=_words(cross_replace),
             self_replace=_optional_float(self_replace, "--self-replace"), reweight=_words(reweight),
             blend_words=_words(blend_words), blend_threshold=_optional_float(blend_threshold, "--blend-threshold"),
-            inject_features=_number(inject_features, "Inject features (--inject-features)", whole=False),
-            inject_attention=_number(inject_attention, "Inject attention (--inject-attention)", whole=False),
-            inject_block=_number(inject_block, "Decoder block (--inject-block)"), quiet=True,
-            strength=shown.strength if strength is None else _number(strength, "Edit strength (--strength)", False),
+            inject_features=_number(inject_features, "--inject-features", whole=False),
+            inject_attention=_number(inject_attention, "--inject-attention", whole=False),
+            inject_block=_number(inject_block, "--inject-block"), quiet=True,
+            strength=shown.strength if strength is None else _number(strength, "--strength", False),
             guidance_rescale=shown.guidance_rescale if guidance_rescale is None
-            else _number(guidance_rescale, "Guidance rescale (--guidance-rescale)", whole=False),
+            else _number(guidance_rescale, "--guidance-rescale", whole=False),
             control=chosen,
             control_scale=[str(_number(1.0 if control_scale is None else control_scale,
-                                       "Condition scale (--control-scale)", whole=False))] if control else [],
+                                       "--control-scale", whole=False))] if control else [],
         )
         s = cfg.Settings(**values)
         s.explicit = frozenset(k for k, v in values.items()
@@ -370,14 +485,16 @@ class App:
             negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words, blend_threshold,
             inject_features, inject_attention, inject_block, strength, guidance_rescale, reuse,
             control=CONTROL_OFF, control_scale=1.0, page_progress=gr.Progress()):
-        """The queued job: a generator that yields (status, grid, edits, downloads) as the edit advances.
+        """The queued job: a generator that yields (status, stage, grid, edits, downloads) as the edit advances:
+        while it runs, the stage card (what runs now, its bar and time) stands in the grid's place.
 
         The form's values in the order of `blocks()`'s `form` (as `settings` takes them, then "reuse tuning", then
         the structure condition and its scale).
-        `page_progress`: gradio's progress bar of this event (gradio fills it in); the job's stage and step are
+        `page_progress`: gradio's progress of this event (gradio fills it in; API clients see it, the page hides
+        its overlay, which each yield cleared); the job's stage and step are
         shown on it, the detailed per-stage bars in the status box.
         Closing the page closes this generator (gradio), which cancels the job at its next step."""
-        nothing = (None, None, None)
+        nothing = (gr.update(value="", visible=False), gr.update(value=None, visible=True), None, None)
         try:
             s = self.settings(choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
                               frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
@@ -406,6 +523,7 @@ class App:
                 with self.job_lock:
                     try:
                         progress("load", 0, 1)  # a page closed while it waited for the lock: nothing runs
+                        use_free_cores(recount=True)  # this job's threads: the cores free now (ei2.cpu)
                         final = runs.edit(s, self._argv(s), progress=progress, say=progress.say,
                                           root=self.out / "runs")
                         if not s.adapter:
@@ -433,23 +551,26 @@ class App:
                 if progress.last != shown:  # gradio's own bar: the stage that runs now, step of total
                     shown = progress.last
                     page_progress(*progress.gradio_args())
-                yield (progress.html(header), *nothing)
+                yield (progress.html(header), gr.update(value=progress.stage_html(), visible=True),
+                       gr.update(value=None, visible=False), None, None)
         finally:  # GeneratorExit: the page was closed (or the queue dropped the job)
             if thread.is_alive():
                 progress.cancel.set()
+        progress.done()
         if "error" in result:
             yield (progress.html(header) + self._error(result["error"]), *nothing)
             return
         final = result["final"]
+        grid, edits, files = self._outputs(result["served"])
         yield (progress.html(header) + f"<div>done: {html.escape(str(final.relative_to(self.out)))}</div>",
-               *self._outputs(result["served"]))
+               gr.update(value="", visible=False), gr.update(value=grid, visible=True), edits, files)
 
     @staticmethod
     def _error(e: Exception) -> str:
         from ..models import AdapterMismatchError
 
         text = str(e) if isinstance(e, (EI2Error, AdapterMismatchError, ValueError, str)) else f"{type(e).__name__}: {e}"
-        return f"<div class='ei2-error'>ei2: error: {html.escape(text)}</div>"
+        return f"<div class='ei2-error'>Error: {html.escape(page_words(text))}</div>"
 
     def _outputs(self, served: Path):
         record = json.loads((served / runs.RUN_FILE).read_text())
@@ -560,6 +681,12 @@ class App:
             updates.append(getattr(after, name) if untouched else gr.update())
         return (*updates, [mode, control])
 
+    def on_p2p_note(self, mode):
+        """The note beside the Prompt-to-Prompt control: shown while a mode is chosen, where the loaded model has
+        a measured warning for it (`P2P_NOTES`)."""
+        note = P2P_NOTES.get(self.model_dir.name) if self.model_dir is not None else None
+        return gr.update(visible=bool(note) and mode not in (None, "", P2P_OFF))
+
     def blocks(self) -> gr.Blocks:
         from ..models import RECIPES
 
@@ -569,84 +696,124 @@ class App:
 
         start = SAMPLE if SAMPLE in self.samples else first
         choices = [("upload a video", UPLOAD)] + [(name.replace("_", " "), name) for name in self.samples]
+        p2p_note = P2P_NOTES.get(self.model_dir.name) if self.model_dir is not None else None
         with gr.Blocks(title="ei2: edit a video from text", analytics_enabled=False) as demo:
             gr.Markdown("## ei2: edit a video from text\nTune on the video, invert it with DDIM, sample it again "
                         "under each target prompt (EI², NeurIPS 2023). Jobs run one at a time.")
-            with gr.Row():
-                with gr.Column(scale=1):
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=1, elem_id="ei2-form"):
                     source = gr.Dropdown(choices, value=start or UPLOAD, label="Source video",
+                                         info="a bundled sample, or your own video (upload it below)",
                                          elem_id="ei2-source")
                     upload = gr.File(label=f"Upload a video (up to {self.max_upload_bytes / 2**20:.0f} MB)",
                                      file_types=list(VIDEO_TYPES), type="filepath", elem_id="ei2-upload")
                     preview = gr.Video(value=self.samples[start]["video"] if start else None, label="Source",
                                        interactive=False, autoplay=True, loop=True, height=200, elem_id="ei2-preview")
-                    source_prompt = gr.Textbox(self.samples[start]["caption"] if start else "", label="Source prompt",
+                    source_prompt = gr.Textbox(self.samples[start]["caption"] if start else "",
+                                               label=FIELDS["--source-prompt"],
+                                               info="what the video shows now; tuning teaches it to the model",
                                                elem_id="ei2-source-prompt")
                     targets = gr.Textbox(self.samples[start]["target"] if start else "", lines=3,
-                                         label=f"Target prompts (one per line, up to {self.max_prompts})",
+                                         label=f"{FIELDS['--target-prompt']} (one per line, up to {self.max_prompts})",
+                                         info="what the video should show instead: one edit per line",
                                          elem_id="ei2-targets")
                     with gr.Accordion("Settings", open=True):
                         with gr.Row():
-                            recipe = gr.Dropdown(list(RECIPES), value="ei2", label="Recipe", elem_id="ei2-recipe")
+                            recipe = gr.Dropdown(list(RECIPES), value="ei2", label=FIELDS["--recipe"],
+                                                 info="ei2: the paper's method; tune-a-video: the baseline",
+                                                 elem_id="ei2-recipe")
                             frames = gr.Slider(1, self.max_frames, value=min(d.frames, self.max_frames), step=1,
-                                               label="Frames", elem_id="ei2-frames")
+                                               label=FIELDS["--frames"], info="frames to edit",
+                                               elem_id="ei2-frames")
                         with gr.Row():  # no minimum/maximum: out-of-range values get the one-line error
                             steps = gr.Number(min(d.steps, self.max_steps), precision=0,
-                                              label=f"Tuning steps (up to {self.max_steps})", elem_id="ei2-steps")
+                                              label=f"{FIELDS['--steps']} (up to {self.max_steps})",
+                                              info="one-shot tuning on this video", elem_id="ei2-steps")
                             inference_steps = gr.Number(min(d.inference_steps, self.max_inference_steps), precision=0,
-                                                        label=f"Inference steps (up to {self.max_inference_steps})",
+                                                        label=f"{FIELDS['--inference-steps']} "
+                                                              f"(up to {self.max_inference_steps})",
+                                                        info="DDIM steps of the inversion and of each edit",
                                                         elem_id="ei2-inference-steps")
                         with gr.Row():
-                            guidance = gr.Number(d.guidance_scale, label="Guidance scale", elem_id="ei2-guidance")
-                            seed = gr.Number(d.seed, precision=0, label="Seed", elem_id="ei2-seed")
+                            guidance = gr.Number(d.guidance_scale, label=FIELDS["--guidance-scale"],
+                                                 info="how closely an edit follows its prompt (1: no guidance)",
+                                                 elem_id="ei2-guidance")
+                            seed = gr.Number(d.seed, precision=0, label=FIELDS["--seed"],
+                                             info="the same seed and settings give the same edit", elem_id="ei2-seed")
                         with gr.Row():
-                            strength = gr.Slider(0.04, 1, value=d.strength, step=0.02,
-                                                 label="Edit strength (fraction of the steps sampled again)",
-                                                 elem_id="ei2-strength")
+                            strength = gr.Slider(0.04, 1, value=d.strength, step=0.02, label=FIELDS["--strength"],
+                                                 info="fraction of the steps sampled again: less keeps more of the "
+                                                      "source", elem_id="ei2-strength")
                             guidance_rescale = gr.Slider(0, 1, value=d.guidance_rescale, step=0.05,
-                                                         label="Guidance rescale (0: off)",
+                                                         label=FIELDS["--guidance-rescale"],
+                                                         info="tames over-saturated colours of high guidance (0: off)",
                                                          elem_id="ei2-guidance-rescale")
-                        negative = gr.Textbox(d.negative_prompt or "", label="Negative prompt", elem_id="ei2-negative")
-                        reuse = gr.Checkbox(True, label="Reuse tuning (when this video and these settings already "
-                                                        "have an adapter)", elem_id="ei2-reuse")
+                        negative = gr.Textbox(d.negative_prompt or "", label=FIELDS["--negative-prompt"],
+                                              info="what the edits should not show", elem_id="ei2-negative")
+                        reuse = gr.Checkbox(True, label="Reuse tuning",
+                                            info="skip tuning when this video was tuned with these settings before",
+                                            elem_id="ei2-reuse")
                     with gr.Accordion("Prompt-to-Prompt", open=False):
                         p2p = gr.Dropdown([P2P_OFF, "replace", "refine", "reweight"], value=P2P_OFF,
-                                          label="Attention control", elem_id="ei2-p2p")
+                                          label=FIELDS["--p2p"],
+                                          info="edit through the source's attention: replace swaps words, "
+                                               "refine adds words, reweight scales one", elem_id="ei2-p2p")
+                        note = gr.HTML(f"<div class='ei2-note'>⚠ {html.escape(p2p_note or '')}</div>",
+                                       visible=False, elem_id="ei2-p2p-note")
                         with gr.Row():
-                            cross = gr.Textbox("", label="Cross replace (fraction, WORD=FRACTION)",
-                                               elem_id="ei2-cross-replace")
-                            self_replace = gr.Textbox("", label="Self replace (fraction)", elem_id="ei2-self-replace")
+                            cross = gr.Textbox("", label=FIELDS["--cross-replace"],
+                                               info="fraction of steps that keep the source's word attention, "
+                                                    "or WORD=FRACTION", elem_id="ei2-cross-replace")
+                            self_replace = gr.Textbox("", label=FIELDS["--self-replace"],
+                                                      info="fraction of steps that keep the source's frame "
+                                                           "attention", elem_id="ei2-self-replace")
                         with gr.Row():
-                            reweight = gr.Textbox("", label="Reweight (WORD=FACTOR)", elem_id="ei2-reweight")
-                            blend = gr.Textbox("", label="Blend words", elem_id="ei2-blend-words")
-                            threshold = gr.Textbox("", label="Blend threshold", elem_id="ei2-blend-threshold")
+                            reweight = gr.Textbox("", label=FIELDS["--reweight"],
+                                                  info="WORD=FACTOR: a word's weight, with reweight",
+                                                  elem_id="ei2-reweight")
+                            blend = gr.Textbox("", label=FIELDS["--blend-words"],
+                                               info="edit only where these words attend (local blend)",
+                                               elem_id="ei2-blend-words")
+                            threshold = gr.Textbox("", label=FIELDS["--blend-threshold"],
+                                                   info="attention level (0-1) that counts as the word's area",
+                                                   elem_id="ei2-blend-threshold")
                     with gr.Accordion("Structure (feature injection, Plug-and-Play; off with Prompt-to-Prompt "
                                       "unless set)", open=False):
                         with gr.Row():
                             inject_features = gr.Slider(0, 1, value=d.inject_features, step=0.05,
-                                                        label="Inject features (fraction of steps)",
-                                                        elem_id="ei2-inject-features")
+                                                        label=FIELDS["--inject-features"],
+                                                        info="fraction of steps that take the source's decoder "
+                                                             "features", elem_id="ei2-inject-features")
                             inject_attention = gr.Slider(0, 1, value=d.inject_attention, step=0.05,
-                                                         label="Inject attention (fraction of steps)",
-                                                         elem_id="ei2-inject-attention")
-                            inject_block = gr.Number(d.inject_block, precision=0,
-                                                     label="Decoder block", elem_id="ei2-inject-block")
+                                                         label=FIELDS["--inject-attention"],
+                                                         info="fraction of steps that take the source's "
+                                                              "self-attention", elem_id="ei2-inject-attention")
+                            inject_block = gr.Number(d.inject_block, precision=0, label=FIELDS["--inject-block"],
+                                                     info="the decoder block whose features are injected",
+                                                     elem_id="ei2-inject-block")
                     bundled = sorted(cfg.bundled_controlnets(self.model_dir))
                     with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
                                       "edits)", open=bool(bundled)):
                         with gr.Row():
                             control = gr.Dropdown([CONTROL_OFF, *bundled],
                                                   value=d.control[0] if cfg.controlled(d) else CONTROL_OFF,
-                                                  label="Condition from the source (its maps are shown in the grid)",
+                                                  label=FIELDS["--control"],
+                                                  info="a map of each source frame (its maps are shown in the "
+                                                       "grid) that holds the layout",
                                                   elem_id="ei2-control", interactive=bool(bundled))
-                            control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Condition scale",
+                            control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label=FIELDS["--control-scale"],
+                                                      info="how strongly the map holds the layout (0: not at all)",
                                                       elem_id="ei2-control-scale")
                     run = gr.Button("Edit", variant="primary", elem_id="ei2-run")
-                with gr.Column(scale=2):
-                    status = gr.HTML("<div>ready</div>", elem_id="ei2-status")
+                # the results stay in view beside the long form (CSS: sticky): the status, then the grid
+                with gr.Column(scale=2, elem_id="ei2-results"):
+                    status = gr.HTML("<div class='ei2-now'>ready: pick a video, type the target prompts, press "
+                                     "Edit</div>", elem_id="ei2-status")
                     gr.Markdown("**Source and edits, side by side**")
+                    # no download button over the grid (it hid the last caption): grid.mp4 is in the downloads
+                    stage = gr.HTML("", visible=False, elem_id="ei2-stage")
                     grid = gr.Video(label="Source and edits, side by side", show_label=False, interactive=False,
-                                    autoplay=True, loop=True, elem_id="ei2-grid")
+                                    autoplay=True, loop=True, buttons=[], elem_id="ei2-grid")
                     edits = gr.Gallery(label="Edits", columns=2, fit_columns=False, height="auto",
                                        object_fit="contain", elem_id="ei2-edits")
                     downloads = gr.File(label="Downloads: mp4, gif, adapter, run.json", file_count="multiple",
@@ -657,13 +824,17 @@ class App:
             for changed in (p2p, control):
                 changed.change(self.on_p2p, [p2p, inject_features, inject_attention, strength, mode, control],
                                [inject_features, inject_attention, strength, mode], queue=False)
+            p2p.change(self.on_p2p_note, p2p, note, queue=False)
             form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
                     negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
                     inject_attention, inject_block, strength, guidance_rescale, reuse, control, control_scale]
-            # gradio's progress bar (`run`'s gr.Progress) over the grid, which is empty while a job runs; the
-            # status box keeps the per-stage bars
-            run.click(self.run, form, [status, grid, edits, downloads], concurrency_limit=1,
-                      concurrency_id="ei2-jobs", api_name="edit", show_progress_on=[grid])
+            # the status box into view at once (where the columns stack, on a narrow window)
+            run.click(None, None, None, js="() => { document.getElementById('ei2-status')"
+                                           "?.scrollIntoView({block: 'nearest'}); }", queue=False)
+            # while a job runs, the stage card stands in the grid's place; gradio's own overlay is hidden (each
+            # yield of the job cleared it, so it flickered)
+            run.click(self.run, form, [status, stage, grid, edits, downloads], concurrency_limit=1,
+                      concurrency_id="ei2-jobs", api_name="edit", show_progress="hidden")
         demo.queue(default_concurrency_limit=1, max_size=32)
         return demo
 
