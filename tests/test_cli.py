@@ -255,6 +255,7 @@ DOCUMENTED_EDIT_FLAGS = [
     (["--control-end", "0.7"], "control_end", 0.7),
     (["--no-control-inversion"], "control_inversion", False),
     (["--no-control-tuning"], "control_tuning", False),
+    (["--guess-mode"], "guess_mode", True),
     (["--canny-low", "30"], "canny_low", 30),
     (["--canny-high", "150"], "canny_high", 150),
     (["--depth-model", "dpt"], "depth_model", "dpt"),

@@ -121,6 +121,32 @@ def test_two_nets_add_their_residuals(parts):
     assert (got - want).abs().max() <= 1e-6 and torch.equal(got, got_multi)
 
 
+def test_guess_mode_under_guidance_equals_diffusers_recipe_frame_by_frame(parts):
+    """diffusers' guess mode: the ControlNet runs on the conditional half only (the unconditional half gets no
+    residuals) and scales its residuals from 0.1 to 1; reference: the 2D UNet + ControlNet frame by frame."""
+    from ei2.inversion import model_output
+
+    unet, net = parts
+    vu = VideoUNet.from_2d(unet, Recipe("self", frame_attention="self", temporal="none", group_norm="frame"))
+    x, text, maps = inputs(b=1)
+    uncond = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(4))
+    control = StructureControl.make([net], [maps], 0.8, guess_mode=True)
+    with torch.no_grad():
+        got = model_output(vu, x, 10, text, uncond, 6.0, {"control": control})
+        plain = model_output(vu, x, 10, text, uncond, 6.0, {"control": StructureControl.make([net], [maps], 0.8)})
+        want = torch.empty_like(got)
+        for i in range(x.shape[2]):
+            frame = x[:, :, i]
+            d, m = net(frame, 10, text, controlnet_cond=maps[i:i + 1], conditioning_scale=0.8, guess_mode=True,
+                       return_dict=False)
+            cond = unet(frame, 10, text, down_block_additional_residuals=d, mid_block_additional_residual=m).sample
+            free = unet(frame, 10, uncond).sample  # no residuals at all
+            want[:, :, i] = free + 6.0 * (cond - free)
+    assert (got - want).abs().max() <= 1e-4
+    assert (got - plain).abs().max() > 1e-2  # guess mode is not the ordinary control (the test can fail)
+    assert control.key() != StructureControl.make([net], [maps], 0.8).key()
+
+
 def test_windowed_unet_with_a_condition_equals_the_naive_window_loop(parts):
     from ei2.windows import Windowing, WindowedUNet
 

@@ -116,6 +116,8 @@ class Settings:
                                 metavar="B")
     control_inversion: bool = option(True, "keep the condition on during DDIM inversion, with the same maps "
                                            "(as RAVE and TokenFlow)", commands=(EDIT,))
+    guess_mode: bool = option(False, "diffusers' guess_mode: under guidance the ControlNet sees only the conditional "
+                                     "half, its residuals scaled from 0.1 (first block) to 1 (middle block)")
     control_tuning: bool = option(True, "tune with the condition on, so that the adapter learns what the "
                                         "controlled edit gives it")
     canny_low: int = option(50, "--control canny: OpenCV's lower hysteresis threshold")

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
 from .files import atomic_path, file_system_problem, save_tensors
+from .structure.controlnet import guided_inputs
 
 
 def alpha(scheduler, t: int | None, device=None) -> torch.Tensor:
@@ -144,7 +145,7 @@ def model_output(unet, latents, t, text_emb, uncond_emb=None, guidance_scale=1.0
         return unet(latents, t, text_emb, **inputs).sample.float()
     out = unet(
         torch.cat([latents[:k], rest, rest]), t, torch.cat([text_emb[:k], uncond_emb.expand(b, -1, -1), text_emb[k:]]),
-        **inputs,
+        **guided_inputs(inputs, range(k, k + b)),
     ).sample.float()
     lead, uncond, cond = out.split([k, b, b])
     guided = rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale, rescale_std)

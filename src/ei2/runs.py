@@ -133,7 +133,7 @@ def _check_control_settings(s: cfg.Settings) -> None:
     from .structure.maps import KINDS
 
     if not cfg.controlled(s):
-        given = [k for k in ("controlnet", "control_scale") if getattr(s, k)]
+        given = [k for k in ("controlnet", "control_scale", "guess_mode") if getattr(s, k)]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise ConfigError(f"{flags} need --control (a condition kind, e.g. --control canny, or a folder of maps)")
@@ -184,7 +184,7 @@ def structure_control(s: cfg.Settings, pipe, frames):
     return build_control(frames, s.control, controlnet_sources(s), control_scales(s), s.control_start,
                          s.control_end, pipe.unet.unet.config, device=pipe.unet.device, dtype=pipe.unet.dtype,
                          depth_model=s.depth_model, canny_thresholds=(s.canny_low, s.canny_high),
-                         maps_sampling={"stride": s.stride, "start": s.start})
+                         maps_sampling={"stride": s.stride, "start": s.start}, guess_mode=s.guess_mode)
 
 
 def _write_control_maps(made, out: Path, fps: float) -> list[str]:

@@ -62,7 +62,7 @@ SETTINGS = {
     # a structure condition (DESIGN §1.12): one kind (or null: none) through the model's bundled ControlNet, its
     # scale and window, and whether it is on during inversion and tuning (`--control`, `--control-scale`, ...)
     "control": str, "control_scale": float, "control_start": float, "control_end": float,
-    "control_inversion": bool, "control_tuning": bool,
+    "control_inversion": bool, "control_tuning": bool, "guess_mode": bool,
 }
 BENCH_ONLY = {"size": None}  # settings of the benchmark alone (`ei2 edit` has --width/--height)
 VIDEO_SETTINGS = ("frames", "stride", "start", "size")  # which frames are edited: the same for every column

@@ -26,6 +26,7 @@ from ..defaults import (GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EP
                         NULL_TEXT_LEARNING_RATE)
 from ..inversion import (InversionCache, alpha, ddim_inversion_trajectory, ddim_move, model_output, prediction_type,
                          timesteps)
+from ..structure.controlnet import guided_inputs
 
 
 def default_progress(total: int):
@@ -101,7 +102,7 @@ def null_text_inversion(
             for _ in range(num_inner_steps):
                 with torch.enable_grad():
                     out_uncond = model_output(unet, x, t, uncond.to(text_emb.dtype).expand_as(text_emb),
-                                              model_inputs=model_inputs)
+                                              model_inputs=guided_inputs(model_inputs, range(x.shape[0])))
                     out = out_uncond + guidance_scale * (out_cond - out_uncond)
                     loss = F.mse_loss(ddim_move(out, x, alpha_t, alpha_next, kind).float(), target.float())
                     optimizer.zero_grad()

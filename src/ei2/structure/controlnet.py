@@ -103,14 +103,18 @@ class StructureControl:
     end: float = 1.0
     active: frozenset | None = None  # timesteps where the nets act (None: every timestep; set by `for_steps`)
     digests: tuple = field(default=(), repr=False)  # weights_digest of each net, computed once
+    guess_mode: bool = False  # diffusers' guess_mode: residuals for the conditional videos only, scaled by depth
+    unconditional: tuple = ()  # videos of the batch (not frames) that get no residuals (guess mode; `guided`)
 
     @classmethod
     def make(cls, controlnet, maps: Sequence[torch.Tensor] | torch.Tensor,
              controlnet_conditioning_scale: float | Sequence[float] = 1.0, control_guidance_start: float = 0.0,
-             control_guidance_end: float = 1.0) -> "StructureControl":
+             control_guidance_end: float = 1.0, guess_mode: bool = False) -> "StructureControl":
         """diffusers' names: `controlnet` (a ControlNetModel, a list of them or a MultiControlNetModel), `maps` (one
         `(f, 3, H, W)` tensor in [0, 1] per net: the `image` of diffusers' ControlNet pipelines, one per frame),
-        `controlnet_conditioning_scale` (one for all nets or one per net), `control_guidance_start/end`."""
+        `controlnet_conditioning_scale` (one for all nets or one per net), `control_guidance_start/end`,
+        `guess_mode` (as diffusers' ControlNet pipelines: under classifier-free guidance the nets see only the
+        conditional half, and their residuals grow from 0.1x at the first block to 1x at the middle block)."""
         from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
         if isinstance(controlnet, MultiControlNetModel):
@@ -133,7 +137,7 @@ class StructureControl:
         if len(frames) != 1:
             raise ConfigError(f"every ControlNet needs maps of the same frames; got {sorted(frames)} frames")
         return cls(nets, tuple(m.float() for m in maps), scales, start, end, None,
-                   tuple(weights_digest(n) for n in nets))
+                   tuple(weights_digest(n) for n in nets), bool(guess_mode))
 
     @property
     def num_frames(self) -> int:
@@ -160,6 +164,11 @@ class StructureControl:
         active = frozenset(int(t) for i, t in enumerate(steps) if i / n >= self.start and (i + 1) / n <= self.end)
         return replace(self, active=active)
 
+    def guided(self, unconditional: Sequence[int]) -> "StructureControl":
+        """The control of a classifier-free-guidance batch whose videos `unconditional` carry the empty prompt:
+        in guess mode they get no residuals; otherwise nothing changes."""
+        return replace(self, unconditional=tuple(unconditional)) if self.guess_mode else self
+
     def scales_at(self, timestep) -> tuple[float, ...]:
         if self.active is not None and int(torch.as_tensor(timestep).reshape(-1)[0]) not in self.active:
             return (0.0,) * len(self.nets)
@@ -169,14 +178,15 @@ class StructureControl:
         """Digest of what the UNet is given: the nets' weights, the maps, scales and window."""
         digest = hashlib.sha256()
         active = None if self.active is None else sorted(self.active)
-        digest.update(repr((self.digests, self.scales, self.start, self.end, active)).encode())
+        digest.update(repr((self.digests, self.scales, self.start, self.end, active)
+                           + (("guess_mode",) if self.guess_mode else ())).encode())
         for m in self.maps:
             _digest_tensor(digest, m)
         return "control:" + digest.hexdigest()[:16]
 
     def record(self) -> dict:
         return {"scales": list(self.scales), "start": self.start, "end": self.end, "nets": list(self.digests),
-                "frames": self.num_frames}
+                "frames": self.num_frames, "guess_mode": self.guess_mode}
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor):
         """Residuals for frames folded into the batch: sample `(b f) c h w`, text `(b f) L D`. Returns
@@ -188,17 +198,27 @@ class StructureControl:
         if sample.shape[0] % f:
             raise ValueError(f"a batch of {sample.shape[0]} frames is not a whole number of {f}-frame videos")
         b = sample.shape[0] // f
+        videos = [v for v in range(b) if v not in self.unconditional]
+        if not videos:
+            return None
+        rows = None if len(videos) == b else torch.cat([torch.arange(v * f, (v + 1) * f) for v in videos])
+        x, text = (sample, encoder_hidden_states) if rows is None else (sample[rows], encoder_hidden_states[rows])
+        if timestep is not None and torch.as_tensor(timestep).numel() == sample.shape[0] and rows is not None:
+            timestep = torch.as_tensor(timestep)[rows]
         down, mid = None, None
         for net, maps, scale in zip(self.nets, self.maps, scales):
             if not scale:
                 continue
-            cond = maps.to(sample.device, net.dtype).repeat(b, 1, 1, 1)  # (b f) 3 H W
-            d, m = net(sample.to(net.dtype), timestep, encoder_hidden_states.to(net.dtype), controlnet_cond=cond,
-                       conditioning_scale=scale, return_dict=False)
+            cond = maps.to(sample.device, net.dtype).repeat(len(videos), 1, 1, 1)  # (b f) 3 H W
+            d, m = net(x.to(net.dtype), timestep, text.to(net.dtype), controlnet_cond=cond,
+                       conditioning_scale=scale, guess_mode=self.guess_mode, return_dict=False)
             if down is None:  # several nets add their residuals (diffusers' MultiControlNetModel)
                 down, mid = list(d), m
             else:
                 down, mid = [a + x for a, x in zip(down, d)], mid + m
+        if rows is not None:  # the unconditional videos' rows stay zero (diffusers' guess mode)
+            down = [r.new_zeros((sample.shape[0], *r.shape[1:])).index_copy(0, rows.to(r.device), r) for r in down]
+            mid = mid.new_zeros((sample.shape[0], *mid.shape[1:])).index_copy(0, rows.to(mid.device), mid)
         return tuple(down), mid
 
 
@@ -213,7 +233,8 @@ def condition_label(control: str) -> str:
 
 def build_control(frames, controls: Sequence[str], controlnets: Sequence[str], scales: Sequence[float],
                   start: float, end: float, unet_config, device=None, dtype=None, depth_model=None,
-                  canny_thresholds: tuple[int, int] = (50, 100), maps_sampling: dict | None = None):
+                  canny_thresholds: tuple[int, int] = (50, 100), maps_sampling: dict | None = None,
+                  guess_mode: bool = False):
     """The structure condition of a video: per `controls[i]` (a kind of `ei2.structure.maps`, or a path to maps the
     user brings, sampled with `maps_sampling` = {stride, start} like the source) the maps of `frames`
     `(f, h, w, 3)` uint8, and the ControlNet `controlnets[i]` (a folder or cached id), checked against the base
@@ -235,5 +256,12 @@ def build_control(frames, controls: Sequence[str], controlnets: Sequence[str], s
         else:
             m = M.user_maps(kind, f, (h, w), **(maps_sampling or {}))
         made.append((condition_label(kind), m))
-    control = StructureControl.make(nets, [M.as_condition(m) for _, m in made], scales, start, end)
+    control = StructureControl.make(nets, [M.as_condition(m) for _, m in made], scales, start, end, guess_mode)
     return control, made
+
+
+def guided_inputs(model_inputs: dict | None, unconditional: Sequence[int]) -> dict:
+    """`model_inputs` for a guidance batch whose videos `unconditional` carry the empty prompt (the structure
+    condition's guess mode needs to know them; every other input is unchanged)."""
+    control = (model_inputs or {}).get("control")
+    return model_inputs if control is None else {**model_inputs, "control": control.guided(unconditional)}
