@@ -366,7 +366,8 @@ def _versions() -> dict:
     return out
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """The inversion cache's folder: `$EI2_CACHE_DIR/inversions`, else `$XDG_CACHE_HOME/ei2/inversions`."""
     if os.environ.get("EI2_CACHE_DIR"):
         return Path(os.environ["EI2_CACHE_DIR"]) / "inversions"
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -425,7 +426,7 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
     t = time.perf_counter()
     pipe = EI2Pipeline.from_pretrained(
         s.model, recipe=s.recipe, adapter=s.adapter if command == cfg.EDIT else None, device=s.device, dtype=s.dtype,
-        inversion_cache_dir=_cache_dir(),
+        inversion_cache_dir=cache_dir(),
     )
     pipe.set_progress_bar_config(disable=s.quiet)
     timings["load_s"] = round(time.perf_counter() - t, 3)

@@ -380,9 +380,10 @@ def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, acceler
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda_{i}"] = s
     for name, module in _spectral_modules(unet).items():
-        if module._u is not None:
-            rng[f"spectral.{name}.u"] = module._u.detach().cpu().contiguous()
-            rng[f"spectral.{name}.v"] = module._v.detach().cpu().contiguous()
+        vectors = module.power_vectors()
+        if vectors is not None:
+            rng[f"spectral.{name}.u"] = vectors[0].detach().cpu().contiguous()
+            rng[f"spectral.{name}.v"] = vectors[1].detach().cpu().contiguous()
     save_tensors(rng, str(tmp / "state.safetensors"))
     meta = {
         "format": "ei2-tuning-checkpoint",
@@ -498,6 +499,5 @@ def _apply_checkpoint(checkpoint: dict, unet, names, optimizer, accelerator, gen
     for name, module in _spectral_modules(unet).items():
         if f"spectral.{name}.u" in state:
             # the next forward warm-starts its power iteration from these, as the uninterrupted run does
-            module._u, module._v = state[f"spectral.{name}.u"].to(device), state[f"spectral.{name}.v"].to(device)
-            module._key = None
+            module.warm_start(state[f"spectral.{name}.u"].to(device), state[f"spectral.{name}.v"].to(device))
     return int(meta["step"]), list(meta["losses"])

@@ -45,6 +45,7 @@ from einops import rearrange
 
 from . import defaults
 from .errors import ConfigError
+from .control.processors import ControlledCrossAttention, ControlledFrameAttention
 from .models.video_unet import VideoUNetOutput
 
 
@@ -216,9 +217,8 @@ class WindowedUNet:
         unet, context, w = self.video_unet, self.video_unet.context, self.windowing.window
         timestep = torch.as_tensor(timestep, device=sample.device)
         processors = _processors(unet)
-        controllers = {id(c): c for c in (getattr(p, "controller", None) for p in processors)
-                       if c is not None and hasattr(c, "step_maps")}
-        controlled = any(hasattr(p, "editors") or hasattr(p, "controller") for p in processors)
+        controllers = {id(p.controller): p.controller for p in processors if isinstance(p, ControlledCrossAttention)}
+        controlled = any(isinstance(p, (ControlledCrossAttention, ControlledFrameAttention)) for p in processors)
         # controllers read one window's batch layout; a structure condition gives each window its own maps
         per_call = 1 if controlled or control is not None else self.windowing.batch
         # windows are shared out among processes, merged by all_reduce; not under autograd (null-text
@@ -236,7 +236,7 @@ class WindowedUNet:
             with anchor_mode(context, "record"):
                 run(sample[:, :, self.anchors], timestep, encoder_hidden_states, self.anchors)
             for c in controllers.values():
-                c.step_maps = {}  # the anchor pass is not a step of the video: its maps are not kept
+                c.take_step_maps()  # the anchor pass is not a step of the video: its maps are not kept
         # 2. Every window (stacked `per_call` at a time in the batch), merged with weights summing to 1 per frame
         out, maps = None, {}
         try:
@@ -258,17 +258,16 @@ class WindowedUNet:
                     frames = torch.arange(s, s + w, device=sample.device)
                     out = out.index_add(2, frames, eps[j] * weight[None, None, :, None, None])  # b c f h w
                     for c in controllers.values():  # this window's maps, p w n L, into the whole video's
-                        for place, m in c.step_maps.items():
+                        for place, m in c.take_step_maps().items():
                             full = maps.setdefault((id(c), place), m.new_zeros((m.shape[0], f, *m.shape[2:])))
                             full.index_add_(1, frames.to(m.device), m * weight.to(m)[None, :, None, None])
-                        c.step_maps = {}
         finally:
             context.anchor_tokens = {}
         if world > 1:
             out, maps = _sum_over_processes(out, maps, list(controllers), sample,
                                             share_layout=len(self.starts) < world)
-        for (cid, place), m in maps.items():
-            controllers[cid].step_maps[place] = m
+        for cid, c in controllers.items():
+            c.put_step_maps({place: m for (owner, place), m in maps.items() if owner == cid})
         return VideoUNetOutput(sample=out) if return_dict else (out,)
 
 

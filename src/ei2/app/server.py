@@ -635,7 +635,7 @@ class App:
             for path in uploads:
                 remove(path)
             removed["uploads"] = len(uploads)
-            cache = runs._cache_dir()
+            cache = runs.cache_dir()
             entries = oldest([p for p in cache.glob("*.safetensors")  # not the temporary files of a write
                               if p.is_file() and not p.name.startswith(".")]) if cache.is_dir() else []
             for path in entries:

@@ -98,6 +98,16 @@ class AttentionStore:
         k[cond.start + 1 : cond.stop] = k[cond.start]
         return q, k
 
+    # ---- called by the window code (`ei2.windows`): one step's maps, taken window by window -----------
+    def take_step_maps(self) -> dict[LayerPlace, torch.Tensor]:
+        """This call's maps (p, w, n, L per layer), removed: the window code merges them over the windows."""
+        maps, self.step_maps = self.step_maps, {}
+        return maps
+
+    def put_step_maps(self, maps: dict[LayerPlace, torch.Tensor]) -> None:
+        """The step's maps merged over the windows (p, f, n, L), as one call on the whole video would leave them."""
+        self.step_maps = dict(maps)
+
     # ---- called by the sampler after every denoising step ------------------------------------
     def step_callback(self, i: int, t, latents: torch.Tensor) -> torch.Tensor:
         """End of step i: add this step's maps to the sums, apply local blending, advance to step i + 1."""

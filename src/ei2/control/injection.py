@@ -16,14 +16,14 @@ source entry of its own group. With tau_f = tau_A = 0 nothing is replaced.
 With `shared_source` (Plug-and-Play's own layout, the edit's default) the source branch runs once, without
 guidance — the conditional prediction alone, the exact reverse of the DDIM inversion — and every target
 entry of both halves takes it: the UNet's batch is `[source, targets (uncond), targets (cond)]`. The source
-then leaves the batch after `last_source_step`, the last step that injects anything (`ddim_sample`'s `leave_after`).
+then leaves the batch after `last_source_step`, the last step that injects anything (`ddim_sample`'s `drop_after`).
 
 Which layers: by decoder block, so one option means the same thing on every UNet. `block=1` is the
 decoder's second level (Plug-and-Play's and TokenFlow's choice): 16x16 tokens of a 64x64 SD latent
 (512² frames), 8x8 tokens of a 16x16 Shapes latent. Published SD settings: features 0.8, attention 0.5.
 
     injection = FeatureInjection(InjectionConfig(features=0.5, attention=0.5), num_prompts=2, num_steps=25)
-    with injection.installed(unet):        # hooks on up_blocks[1].resnets, removed on exit
+    with injection.feature_hooks(unet):    # hooks on up_blocks[1].resnets, removed on exit
         ...                                # frame attention consults `injection` (see `processors`)
 """
 from __future__ import annotations

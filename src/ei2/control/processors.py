@@ -24,7 +24,7 @@ from einops import rearrange
 
 from ..models.context import VideoContext
 from ..models.frame_attention import attention_output, frame_qkv, scaled_dot_product_attention
-from ..models.video_unet import VideoTransformerBlock, _transformer_levels
+from ..models.video_unet import VideoTransformerBlock, transformer_levels
 from .controllers import AttentionStore, LayerPlace
 from .injection import FeatureInjection
 
@@ -94,7 +94,7 @@ class ControlledFrameAttention:
 
 def transformer_block_places(unet) -> list[tuple[VideoTransformerBlock, LayerPlace]]:
     """Every transformer block of a VideoUNet with its place (module name, down/mid/up, level)."""
-    levels = {id(t): level for t, level in _transformer_levels(unet.unet)}
+    levels = {id(t): level for t, level in transformer_levels(unet.unet)}
     places = []
     for name, module in unet.unet.named_modules():
         if id(module) in levels:

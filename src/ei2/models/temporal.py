@@ -54,6 +54,15 @@ class SpectralNormalization(nn.Module):
         self._u = None
         self._v = None
 
+    def power_vectors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The singular vectors (u, v) the next training step warm-starts from (None before the first)."""
+        return None if self._u is None else (self._u, self._v)
+
+    def warm_start(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Continue from saved `power_vectors` (a resumed tuning): the next training forward starts its power
+        iteration from them, as the uninterrupted run does."""
+        self._u, self._v, self._key = u, v, None
+
     @torch.no_grad()
     def _singular_vectors(self, weight: torch.Tensor, warm: bool):
         w = weight.detach().float()

@@ -117,7 +117,7 @@ class VideoTransformerBlock(nn.Module):
         return self._temporal(hidden_states, "after-ff")
 
 
-def _transformer_levels(unet: UNet2DConditionModel):
+def transformer_levels(unet: UNet2DConditionModel):
     """Yield (transformer_2d, level): the spatial level of every Transformer2DModel, from the block structure."""
     level = 0
     for block in unet.down_blocks:
@@ -254,7 +254,7 @@ class VideoUNet(ModelMixin, ConfigMixin):
     def _inflate(self):
         recipe, context, unet = self.recipe, self.context, self.unet
         unet.set_attn_processor(AttnProcessor2_0())
-        for transformer, level in list(_transformer_levels(unet)):
+        for transformer, level in list(transformer_levels(unet)):
             blocks = transformer.transformer_blocks
             for i, block in enumerate(blocks):
                 heads = block.attn1.heads
@@ -372,9 +372,6 @@ class VideoUNet(ModelMixin, ConfigMixin):
                              f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
     # ---- base weights --------------------------------------------------------------------------
-    def _is_temporal(self, name: str) -> bool:
-        return any(name.startswith(prefix) for prefix in self._temporal_prefixes())
-
     def _temporal_prefixes(self) -> list[str]:
         return [f"{n}.{m.temporal_name}." for n, m in self.unet.named_modules()
                 if isinstance(m, VideoTransformerBlock) and m.temporal_name]
