@@ -668,8 +668,16 @@ def test_keep_runs_at_start_removes_the_oldest_runs_uploads_and_cache_entries(ap
         (cache / f"entry{i}.safetensors").write_bytes(b"c")
         _age(cache / f"entry{i}.safetensors", 1000 - i)
     (runs / "20240109-000000-crashed.partial").mkdir()
+    from ei2.files import FolderLock
+
+    live = FolderLock(runs / "20240110-000000-live.partial").acquire()  # another ei2 is writing it now
     (out / "adapters.json").write_text(json.dumps(index))
-    app(keep_runs=2)
+    try:
+        app(keep_runs=2)
+        assert (runs / "20240110-000000-live.partial").is_dir()  # a live run's folder is never pruned
+    finally:
+        live.release()
+    shutil.rmtree(runs / "20240110-000000-live.partial")
     err = capsys.readouterr().err
     assert ("ei2 serve: pruned 3 runs, 3 uploads, 3 inversion-cache entries, 1 interrupted run "
             "(--keep-runs 2: the newest 2 of each are kept)") in err, err

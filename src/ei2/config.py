@@ -324,6 +324,7 @@ PLAIN_EDIT_ONLY = ("inject_features", "inject_attention", "inject_block", "stren
 # keys of ei2_defaults.json that are not options: the structure conditions the model bundles a ControlNet for
 # (kind -> folder inside the model folder), and the defaults of a controlled edit (`--control`)
 MODEL_CONTROLNETS = "controlnets"
+MODEL_NOTES = "notes"
 MODEL_CONTROLLED = "controlled"
 NO_CONTROL = "none"
 
@@ -365,6 +366,7 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     known = {f.name: f for f in fields_for(command)}
     applied = {}
     data.pop(MODEL_CONTROLNETS, None)  # read by `bundled_controlnets`
+    data.pop(MODEL_NOTES, None)  # read by `model_notes`
     default_control = data.pop("control", None)  # a condition every edit takes unless `--control` is given
     if default_control is not None:
         kinds = [default_control] if isinstance(default_control, str) else default_control
@@ -392,20 +394,32 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
     return applied
 
 
-def bundled_controlnets(model_dir: str | os.PathLike | None) -> dict[str, str]:
-    """The ControlNets a model folder bundles, `{kind: folder}` (its ei2_defaults.json's "controlnets")."""
+def _model_entry(model_dir: str | os.PathLike | None, key: str, what: str) -> dict[str, str]:
+    """The `{name: text}` mapping `key` of a model folder's ei2_defaults.json ({} where there is none)."""
     import json
 
     path = None if model_dir is None else Path(model_dir) / MODEL_DEFAULTS_FILE
     if path is None or not path.is_file():
         return {}
     try:
-        bundled = json.loads(path.read_text()).get(MODEL_CONTROLNETS, {})
+        entry = json.loads(path.read_text()).get(key, {})
     except (json.JSONDecodeError, AttributeError) as e:
         raise ConfigError(f"{path} is not a valid JSON object ({e})") from e
-    if not isinstance(bundled, dict) or not all(isinstance(v, str) for v in bundled.values()):
-        raise ConfigError(f"{path}: {MODEL_CONTROLNETS!r} must map a condition kind to a ControlNet folder")
+    if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        raise ConfigError(f"{path}: {key!r} must map {what}")
+    return entry
+
+
+def bundled_controlnets(model_dir: str | os.PathLike | None) -> dict[str, str]:
+    """The ControlNets a model folder bundles, `{kind: folder}` (its ei2_defaults.json's "controlnets")."""
+    bundled = _model_entry(model_dir, MODEL_CONTROLNETS, "a condition kind to a ControlNet folder")
     return {k: str(Path(model_dir) / v) for k, v in bundled.items()}
+
+
+def model_notes(model_dir: str | os.PathLike | None) -> dict[str, str]:
+    """Measured warnings of a model folder, `{setting: text}` (its ei2_defaults.json's "notes"; e.g. "p2p": what
+    Prompt-to-Prompt did on this model), for front ends to show beside that setting."""
+    return _model_entry(model_dir, MODEL_NOTES, "a setting's name to a note")
 
 
 def defaults_for(model_dir: str | os.PathLike | None, command: str, p2p: str | None = None,

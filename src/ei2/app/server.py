@@ -34,9 +34,9 @@ import gradio as gr
 
 from .. import config as cfg
 from .. import runs
-from ..files import write_json
 from ..cpu import use_free_cores
 from ..errors import ConfigError, EI2Error
+from ..files import FolderLock, write_json
 from . import FILES
 
 UPLOAD = "upload"
@@ -99,14 +99,6 @@ def page_words(message: str) -> str:
     return _FLAG.sub(lambda m: FIELDS.get(m[0], m[0]), message)
 
 
-# Settings known to fail on a model, measured: model folder name -> the note shown beside the Prompt-to-Prompt
-# control while a mode is chosen. Shapes: benchmarks/shapes/RESULTS.md, "variant" table (36 edits, 288 frames).
-P2P_NOTES = {
-    "shapes-sd": "On this model (Shapes) Prompt-to-Prompt replace turned 19 of 288 edited frames into texture, "
-                 "46 of 288 with Blend words on the changed words, against 3 of 288 for the default edit without "
-                 "it (benchmarks/shapes/RESULTS.md; refine and reweight are not measured). Leave it off for "
-                 "colour and shape edits; for background edits use the structure condition below.",
-}
 HEX = re.compile(r"[0-9a-f]{64}")  # a folder of gradio's uploads (a seeded sha256 of the content)
 PRUNED = {"runs": "run", "uploads": "upload", "inversion-cache entries": "inversion-cache entry",
           "interrupted runs": "interrupted run"}  # what --keep-runs removes: plural -> singular
@@ -619,7 +611,8 @@ class App:
                 remove(path)
             removed["runs"] = len(gone)
             for path in runs_dir.iterdir():
-                if path.name.endswith(runs.PARTIAL) and path.is_dir():  # the job lock is held: none is in use
+                # interrupted runs only: a folder whose OS lock a live run holds (another `ei2`) is left alone
+                if path.name.endswith(runs.PARTIAL) and path.is_dir() and not FolderLock.held(path):
                     remove(path)
                     removed["interrupted runs"] += 1
             names = {p.name for p in runs_dir.iterdir()}
@@ -683,8 +676,8 @@ class App:
 
     def on_p2p_note(self, mode):
         """The note beside the Prompt-to-Prompt control: shown while a mode is chosen, where the loaded model has
-        a measured warning for it (`P2P_NOTES`)."""
-        note = P2P_NOTES.get(self.model_dir.name) if self.model_dir is not None else None
+        a measured warning for it (its ei2_defaults.json "notes", `config.model_notes`)."""
+        note = cfg.model_notes(self.model_dir).get("p2p")
         return gr.update(visible=bool(note) and mode not in (None, "", P2P_OFF))
 
     def blocks(self) -> gr.Blocks:
@@ -696,7 +689,7 @@ class App:
 
         start = SAMPLE if SAMPLE in self.samples else first
         choices = [("upload a video", UPLOAD)] + [(name.replace("_", " "), name) for name in self.samples]
-        p2p_note = P2P_NOTES.get(self.model_dir.name) if self.model_dir is not None else None
+        p2p_note = cfg.model_notes(self.model_dir).get("p2p")
         with gr.Blocks(title="ei2: edit a video from text", analytics_enabled=False) as demo:
             gr.Markdown("## ei2: edit a video from text\nTune on the video, invert it with DDIM, sample it again "
                         "under each target prompt (EI², NeurIPS 2023). Jobs run one at a time.")
