@@ -39,6 +39,14 @@ def test_edit_writes_a_whole_run_folder_then_reuses_its_adapter(tiny_sd, source_
     assert run["seeds"]["seed"] == 0 and "torch" in run["versions"] and "diffusers" in run["versions"]
     assert {"load_s", "tune_s", "tune_step_s", "invert_s", "edit_s", "total_s"} <= set(run["timings"])
     assert len(run["tuning"]["losses"]) == 2 and run["inversion"]["cached"] is False
+    from ei2.video import read_video
+
+    source = read_video(out / "source.gif").frames
+    blue, green = (read_video(out / f"edits/{name}.gif").frames for name in ("01-a-blue-square", "02-a-green-circle"))
+    assert blue.shape == green.shape == source.shape == (4, 32, 32, 3)
+    assert (blue != source).any() and (blue != green).any()  # each prompt its own edit, not a copy of the source
+    grid = read_video(out / "grid.gif").frames
+    assert grid.shape[0] == 4 and grid.shape[2] >= 3 * 32  # source and both edits side by side
 
     again = tmp_path / "again"
     assert main(["edit", str(source_video), "--model", str(tiny_sd), "--adapter", str(out / "adapter"),

@@ -220,12 +220,30 @@ def test_refinement_aligns_tokens_and_keeps_added_words(tiny):
 
 
 def test_attention_grid_has_a_row_per_prompt_and_a_cell_per_frame(tiny, tmp_path):
+    import numpy as np
+    from PIL import Image
+
     _, controller = edit(tiny, video_unet(tiny), P2PConfig("replace"), "a red car", "a big car")
     prompts = ["a red car", "a big car"]
-    assert attention_grid(controller, tiny["tokenizer"], prompts, "car", cell=14).shape == (2 * 14, 3 * 10)
+    grid = attention_grid(controller, tiny["tokenizer"], prompts, "car", cell=14)
+    assert grid.shape == (2 * 14, 3 * 10)
     assert attention_grid(controller, tiny["tokenizer"], prompts, "big", cell=14).shape == (14, 3 * 10)
-    path = save_attention_grid(controller, tiny["tokenizer"], prompts, "car", tmp_path / "car.png")
+    # reference, cell by cell: the word's token maps summed one token at a time, each frame scaled to its own
+    # maximum (255) and repeated 2x2 (nearest): a blank or misplaced grid cannot pass
+    length = tiny["tokenizer"].model_max_length
+    for row, prompt in enumerate(prompts):
+        car = columns(tiny, prompt, "car")
+        assert car
+        summed = sum(controller.word_maps(torch.eye(length)[[i]].repeat(2, 1))[row] for i in car)  # f h w
+        for frame in range(summed.shape[0]):
+            want = summed[frame] / summed[frame].max()
+            want = np.kron((want * 255).round().clamp(0, 255).to(torch.uint8).numpy(), np.ones((2, 2), np.uint8))
+            cell = grid[row * 14:(row + 1) * 14, frame * 10:(frame + 1) * 10]
+            assert np.abs(cell.astype(int) - want.astype(int)).max() <= 1, (row, frame)
+            assert cell.max() == 255 and cell.min() < 200  # a map, not a flat cell
+    path = save_attention_grid(controller, tiny["tokenizer"], prompts, "car", tmp_path / "car.png", cell=14)
     assert path.is_file() and not list(tmp_path.glob(".*tmp*"))
+    assert np.array_equal(np.asarray(Image.open(path)), grid)  # the PNG holds the grid itself
 
 
 # ---------------------------------------------------------------------------------------------- null text

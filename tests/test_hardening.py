@@ -223,10 +223,14 @@ def test_edit_command_with_such_a_tokenizer_runs(tiny_sd, source_video, tmp_path
     model = _without_model_max_length(tiny_sd, tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
-    code = main(["edit", str(source_video), "--model", str(model), "--source-prompt", "a red square",
-                 "--target-prompt", "a tan square", "--p2p", "replace", "--frames", "2", "--steps", "1",
-                 "--inference-steps", "2", "--out", "run", "--quiet"])
-    assert code == 0 and (tmp_path / "run" / "edits" / "01-a-tan-square.mp4").is_file()
+    args = ["edit", str(source_video), "--source-prompt", "a red square", "--target-prompt", "a tan square",
+            "--p2p", "replace", "--frames", "2", "--steps", "1", "--inference-steps", "2", "--quiet"]
+    assert main([*args, "--model", str(model), "--out", "run"]) == 0
+    assert main([*args, "--model", str(tiny_sd), "--out", "reference"]) == 0  # the tokenizer that knows its length
+    from ei2.video import read_video
+
+    got, want = (read_video(tmp_path / r / "edits" / "01-a-tan-square.gif").frames for r in ("run", "reference"))
+    assert got.shape == want.shape and (got == want).all()  # the same prompt length gives the same edit
 
 
 def test_unknown_prompt_length_is_one_clear_error():

@@ -531,6 +531,20 @@ def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path)
     }
 
 
+def _load(s: cfg.Settings, command: str, argv, progress: Progress | None, say: Say, timings: dict, final: Path):
+    """A job's opening, in its locked folder: the model and the video (the "load" stage), the run record (with
+    a warning for each prompt too long) and the structure condition with its maps."""
+    if progress is not None:
+        progress("load", 0, 1)
+    pipe, video, size = _prepare(s, command, timings)
+    if progress is not None:
+        progress("load", 1, 1)
+    record = _record(s, command, argv, pipe, video, size, final)
+    _warn_truncated(record, pipe, say)
+    control, made = structure_control(s, pipe, video.frames)
+    return pipe, video, size, record, control, made
+
+
 def _prompts_truncated(s: cfg.Settings, command: str, pipe) -> dict[str, int]:
     """The prompts longer than the text encoder takes, with how many tokens of each are dropped."""
     prompts = [s.source_prompt] + (list(s.target_prompt) + [s.negative_prompt or ""] if command == cfg.EDIT else [])
@@ -588,14 +602,7 @@ def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, 
     t0 = time.perf_counter()
     timings: dict = {}
     with _file_system_errors(final), Staging(final, s.resume, s.overwrite) as staging:
-        if progress is not None:
-            progress("load", 0, 1)
-        pipe, video, size = _prepare(s, cfg.TUNE, timings)
-        if progress is not None:
-            progress("load", 1, 1)
-        record = _record(s, cfg.TUNE, argv, pipe, video, size, final)
-        _warn_truncated(record, pipe, say)
-        control, made = structure_control(s, pipe, video.frames)
+        pipe, video, size, record, control, made = _load(s, cfg.TUNE, argv, progress, say, timings, final)
         if control is not None:
             record["control"] = _control_record(s, control, _write_control_maps(made, staging.path, video.fps),
                                                 cfg.TUNE)
@@ -640,25 +647,13 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
 
 
 def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, world: int) -> Path:
-    import numpy as np
-
-    from .video import make_grid, write_gif, write_mp4
-    from .windows import broadcast_parameters
-
     final = _run_folder(s, cfg.EDIT, root)
     t0 = time.perf_counter()
     timings: dict = {}
     with _file_system_errors(final), Staging(final, s.resume, s.overwrite) as staging:
-        if progress is not None:
-            progress("load", 0, 1)
-        pipe, video, size = _prepare(s, cfg.EDIT, timings)
-        if progress is not None:
-            progress("load", 1, 1)
-        record = _record(s, cfg.EDIT, argv, pipe, video, size, final)
-        _warn_truncated(record, pipe, say)
+        pipe, video, size, record, control, made = _load(s, cfg.EDIT, argv, progress, say, timings, final)
         record["windowing"]["processes"] = world
         p2p = check_control(s, pipe)
-        control, made = structure_control(s, pipe, video.frames)
         with _Reporter(pipe, progress) as report:
             _edit_stages(s, pipe, video, size, record, timings, t0, staging, report, say, p2p, control, made)
     say(f"wrote {len(s.target_prompt)} edit(s) to {final}")
