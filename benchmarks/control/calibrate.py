@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "cond, s1.0, scale 0.5": dict(strength=1.0, inject=(0.0, 0.0), scale=0.5),
     "cond, s1.0, scale 1.5": dict(strength=1.0, inject=(0.0, 0.0), scale=1.5),
     "cond, s1.0, window 0-0.6": dict(strength=1.0, inject=(0.0, 0.0), scale=1.0, end=0.6),
+    "cond, s1.0, guess mode": dict(strength=1.0, inject=(0.0, 0.0), scale=1.0, guess_mode=True),
     "cond, s1.0, off in inversion": dict(strength=1.0, inject=(0.0, 0.0), scale=1.0, inversion=False),
     "cond, s0.8, off in inversion": dict(strength=0.8, inject=(0.0, 0.0), scale=1.0, inversion=False),
 }
@@ -54,7 +55,8 @@ def edit(pipe, frames, source, prompts, v, control):
     injection = InjectionConfig(*v["inject"]) if any(v["inject"]) else None
     cond = None
     if v["scale"] is not None:
-        cond = type(control).make(list(control.nets), control.maps, v["scale"], 0.0, v.get("end", 1.0))
+        cond = type(control).make(list(control.nets), control.maps, v["scale"], 0.0, v.get("end", 1.0),
+                                  guess_mode=v.get("guess_mode", False))
     t = time.perf_counter()
     out = pipe.edit(frames, source, prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                     strength=v["strength"], injection=injection, control=cond,
