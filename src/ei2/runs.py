@@ -580,7 +580,7 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     """
     import tempfile
 
-    from .windows import init_distributed
+    from .distributed import init_distributed
 
     say = say or _noop
     rank, world, s.device = init_distributed(s.device)
@@ -596,7 +596,7 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
 
 
 def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, rank: int, world: int) -> Path:
-    from .tuning import barrier
+    from .distributed import barrier
 
     final = _run_folder(s, cfg.TUNE, root)
     t0 = time.perf_counter()
@@ -631,7 +631,7 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     """
     import tempfile
 
-    from .windows import init_distributed
+    from .distributed import init_distributed
 
     say = say or _noop
     rank, world, s.device = init_distributed(s.device)
@@ -666,7 +666,7 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
     import numpy as np
 
     from .video import make_grid, write_gif, write_mp4
-    from .windows import broadcast_parameters
+    from .distributed import broadcast_parameters
 
     fps = s.fps or video.fps
     out = staging.path

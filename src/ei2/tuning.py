@@ -52,6 +52,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import defaults
+from .distributed import barrier, broadcast_parameters, processes
 from .errors import TuningError
 from .files import check_digests, file_digest, save_tensors, write_json
 from .inversion import tensor_hash
@@ -121,19 +122,6 @@ def across_processes(enabled: bool = True):
         yield
     finally:
         _ACROSS_PROCESSES.reset(token)
-
-
-def tuning_processes() -> tuple[int, int]:
-    """(rank, number of processes) of the torch.distributed group that tunes together; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def barrier(world: int) -> None:
-    """Wait for every process (after rank 0 has written something the others must not get ahead of)."""
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _target(noise_scheduler, latents, noise, timesteps):
@@ -215,7 +203,7 @@ def tune(
     accelerator = _accelerator(config.mixed_precision, device)  # joins the process group of a launch, if any
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     shared = _ACROSS_PROCESSES.get() if across_processes is None else across_processes
-    rank, world = tuning_processes() if shared else (0, 1)
+    rank, world = processes() if shared else (0, 1)
     accumulation = config.gradient_accumulation
     micro_batches = world * accumulation
     mine = range(rank * accumulation, (rank + 1) * accumulation)  # this process's micro-batches of every step
@@ -227,8 +215,7 @@ def tune(
         identity["control"] = control.key()
     result = TuningResult(processes=world, micro_batches=micro_batches)
     if world > 1:  # every process starts from rank 0's tensors (as DDP does)
-        for p in params:
-            torch.distributed.broadcast(p.data, 0)
+        broadcast_parameters(params)
     start = 0
     checkpoint = _read_shared_checkpoint(checkpoint_dir, resume, rank, world, device)
     if checkpoint is not None:

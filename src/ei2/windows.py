@@ -44,8 +44,9 @@ import torch
 from einops import rearrange
 
 from . import defaults
-from .errors import ConfigError
 from .control.processors import ControlledCrossAttention, ControlledFrameAttention
+from .distributed import processes
+from .errors import ConfigError
 from .models.video_unet import VideoUNetOutput
 
 
@@ -147,40 +148,6 @@ def _processors(video_unet):
     return list(inner.attn_processors.values()) if inner is not None and hasattr(inner, "attn_processors") else []
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) when torch.distributed is initialised with several processes, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str = "auto") -> tuple[int, int, str]:
-    """Under `accelerate launch --multi_gpu --num_processes N`: join the process group (gloo on the CPU, nccl on
-    GPUs) and return (rank, world size, this process's device); a single process returns (0, 1, device) unchanged.
-
-    `--multi_gpu` starts N processes (torchrun's) on CPU machines too; without it accelerate starts one process
-    unless it finds several GPUs, and `--cpu` alone starts one (several need MPI)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device
-    from accelerate import PartialState
-
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
-    if device == "auto" or (not cpu and str(device) == "cuda"):
-        device = str(state.device)
-    rank, world = _distributed()
-    return rank, world, device
-
-
-def broadcast_parameters(parameters) -> None:
-    """Make every process hold rank 0's values (e.g. the tuned tensors, before windows are shared out)."""
-    if _distributed()[1] > 1:
-        for p in parameters:
-            torch.distributed.broadcast(p.data, 0)
-
-
 class WindowedUNet:
     """A VideoUNet called window by window; its output is the merge of the windows' outputs (module docstring).
 
@@ -223,7 +190,7 @@ class WindowedUNet:
         per_call = 1 if controlled or control is not None else self.windowing.batch
         # windows are shared out among processes, merged by all_reduce; not under autograd (null-text
         # inversion), where every process runs every window so that gradients are whole
-        rank, world = (0, 1) if torch.is_grad_enabled() else _distributed()
+        rank, world = (0, 1) if torch.is_grad_enabled() else processes()
         mine = [k for k in range(len(self.starts)) if k % world == rank]
 
         def run(x, t, text, frames):
