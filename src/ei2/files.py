@@ -5,6 +5,7 @@ one rename, so a reader sees the old one or the new one, never a part.
         image.save(tmp)
     write_json("out/run.json", record)           # the one JSON writer: atomic, indent 2, default=str
     replace_folder("out/.run.tmp", "out/run")    # a finished folder replaces the old one
+    with staged_folder("out/adapter") as tmp:    # written in a temporary sibling, then replaces the old one
     with FolderLock("out/run.partial"):          # one process at a time writes a run folder
 
 Files are created with the modes the user's umask gives (a temporary file is made 0600; it is widened to
@@ -69,6 +70,21 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike):
+    """Yield an empty temporary folder beside `final`; when the block ends without an error it replaces `final`
+    (`replace_folder`), and in any case nothing of it is left: `final` is the old folder or the new one."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_folder(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def umask() -> int:

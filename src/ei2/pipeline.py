@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import defaults
 from .errors import EI2Error, ModelError
-from .files import replace_folder, save_tensors, write_json
+from .files import save_tensors, staged_folder, write_json
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
                         start_step, tensor_hash, timesteps)
 from .models import Recipe, VideoUNet
@@ -497,10 +497,7 @@ class EI2Pipeline(DiffusionPipeline):
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected arguments: {', '.join(kwargs)}")
         final = Path(save_directory)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with staged_folder(final) as tmp:  # the folder appears whole
             (tmp / "unet").mkdir()
             self.unet.unet.save_config(tmp / "unet")
             base = {k: v.detach().cpu().contiguous() for k, v in self.unet.base_state_dict().items()}
@@ -522,9 +519,6 @@ class EI2Pipeline(DiffusionPipeline):
                 module = self.unet.unet if name == "unet" else getattr(self, name)
                 index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
             write_json(tmp / "model_index.json", dict(sorted(index.items())))  # sorted, as diffusers writes it
-            replace_folder(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return final
 
     # ------------------------------------------------------------------------------------------ stages

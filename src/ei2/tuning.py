@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from . import defaults
 from .distributed import barrier, broadcast_parameters, processes
 from .errors import TuningError
-from .files import check_digests, file_digest, save_tensors, write_json
+from .files import check_digests, file_digest, save_tensors, staged_folder, write_json
 from .inversion import tensor_hash
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -346,45 +346,42 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 def _save_checkpoint(checkpoint_dir: Path, step, unet, names, optimizer, accelerator, generator, identity, losses,
                      config):
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = checkpoint_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    own = dict(unet.trainable_parameters())
-    save_tensors({n: own[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+    with staged_folder(final) as tmp:  # a checkpoint appears whole, or not at all
+        own = dict(unet.trainable_parameters())
+        save_tensors({n: own[n].detach().cpu().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
 
-    state = optimizer.state_dict()  # accelerate's wrapper returns the torch optimizer's
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    if tensors:
-        save_tensors(tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"noise_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda_{i}"] = s
-    for name, module in _spectral_modules(unet).items():
-        vectors = module.power_vectors()
-        if vectors is not None:
-            rng[f"spectral.{name}.u"] = vectors[0].detach().cpu().contiguous()
-            rng[f"spectral.{name}.v"] = vectors[1].detach().cpu().contiguous()
-    save_tensors(rng, str(tmp / "state.safetensors"))
-    meta = {
-        "format": "ei2-tuning-checkpoint",
-        "step": step,
-        "files": {p.name: file_digest(p) for p in sorted(tmp.glob("*.safetensors"))},  # checked on resume
-        "identity": identity,
-        "losses": losses,
-        "config": dataclasses.asdict(config),
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
-        "optimizer_scalars": scalars,
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-    }
-    write_json(tmp / "checkpoint.json", meta)
-    os.replace(tmp, final)
+        state = optimizer.state_dict()  # accelerate's wrapper returns the torch optimizer's
+        tensors, scalars = {}, {}
+        for index, entries in state["state"].items():
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        if tensors:
+            save_tensors(tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"noise_generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = s
+        for name, module in _spectral_modules(unet).items():
+            vectors = module.power_vectors()
+            if vectors is not None:
+                rng[f"spectral.{name}.u"] = vectors[0].detach().cpu().contiguous()
+                rng[f"spectral.{name}.v"] = vectors[1].detach().cpu().contiguous()
+        save_tensors(rng, str(tmp / "state.safetensors"))
+        meta = {
+            "format": "ei2-tuning-checkpoint",
+            "step": step,
+            "files": {p.name: file_digest(p) for p in sorted(tmp.glob("*.safetensors"))},  # checked on resume
+            "identity": identity,
+            "losses": losses,
+            "config": dataclasses.asdict(config),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
+            "optimizer_scalars": scalars,
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        }
+        write_json(tmp / "checkpoint.json", meta)
     for old in checkpoint_dir.iterdir():  # keep only the latest
         if old != final and old.name.startswith(CHECKPOINT_PREFIX) and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from einops import rearrange
 from safetensors.torch import load_file
 from torch import nn
 
-from ..files import check_digests, file_digest, replace_folder, save_tensors, write_json
+from ..files import check_digests, file_digest, save_tensors, staged_folder, write_json
 from .context import VideoContext
 from .frame_attention import frame_attention_processor
 from .recipes import Recipe, get_recipe
@@ -414,16 +413,10 @@ class VideoUNet(ModelMixin, ConfigMixin):
             "base_fingerprint": self.base_fingerprint.to_dict(),
             "tensors": len(tensors),
         }
-        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with staged_folder(directory) as tmp:  # the folder is the old adapter or the new one, never a mix
             save_tensors(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             meta["sha256"] = file_digest(tmp / ADAPTER_WEIGHTS)  # load_adapter refuses weights that do not match
             write_json(tmp / ADAPTER_CONFIG, meta)
-            replace_folder(tmp, directory)  # the folder is the old adapter or the new one, never a mix
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @staticmethod
