@@ -127,3 +127,12 @@ def source_video(tmp_path_factory):
 def _small_threads():
     torch.set_num_threads(1)  # a shared 2-core machine: 2 spinning OpenMP threads can be 10x slower
     yield
+
+
+@pytest.fixture
+def isolated_run(tmp_path, monkeypatch):
+    """A command run as a user runs it, kept to the test's folder: that folder is the working directory and
+    holds the inversion cache; the Hugging Face hub is offline."""
+    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)

@@ -14,11 +14,7 @@ from ei2.cli import main
 FAST = ["--frames", "4", "--steps", "2", "--inference-steps", "3", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("EI2_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_run")  # conftest: own cwd and cache, no hub
 
 
 def edit_args(tiny_sd, source_video, out, *extra):
