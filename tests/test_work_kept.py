@@ -382,3 +382,10 @@ def test_an_unknown_model_id_without_network_fails_at_once(monkeypatch):
     with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
         EI2Pipeline.from_pretrained("someone/not-a-model-here", device="cpu")
     assert time.perf_counter() - t < 10
+
+
+def test_one_frame_is_said_in_the_singular(tiny_sd, source_video, capsys):
+    assert main(["tune", str(source_video), "--model", str(tiny_sd), "--source-prompt", "a red square",
+                 "--frames", "1", "--steps", "1", "--out", "one"]) == 0
+    err = capsys.readouterr().err
+    assert "on 1 frame of" in err and "1 frames" not in err
