@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
@@ -416,11 +416,9 @@ class InversionCache:
         if not path.is_file():
             return None
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(path), framework="pt") as f:  # one read: the tensors and the digest beside them
                 digest = (f.metadata() or {}).get("digest")
-            tensors = load_file(str(path))
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
             if digest != self._digest(tensors):
                 raise ValueError("its tensors do not match the digest written with them")
         except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
