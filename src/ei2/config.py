@@ -101,7 +101,7 @@ class Settings:
     inject_block: int = option(defaults.INJECT_BLOCK, "structure: decoder block up_blocks[N] whose features are "
                                                       "injected (attention: that block and finer ones)",
                                commands=(EDIT,), metavar="N")
-    control: list[str] = option([], "structure condition per frame, computed from the source: canny, softedge, "
+    control: list[str] = option([], "structure condition per frame, computed from the source: canny, softedge, layout, "
                                     "depth, or a folder/video of maps you bring; repeat for several ControlNets "
                                     "(paired in order with --controlnet); `none`: no condition", repeat=True,
                                 metavar="KIND_OR_PATH")

@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="unet: what the UNet predicts (default epsilon)")
     parser.add_argument("--zero-snr", action="store_true", help="unet: SD's schedule rescaled to zero terminal SNR (needs v_prediction)")
     parser.add_argument("--offset-noise", type=float, help="unet: std of a per-channel constant added to the noise (e.g. 0.05)")
-    parser.add_argument("--condition", default="canny", help="controlnet: the structure map it learns (canny, softedge)")
+    parser.add_argument("--condition", default="canny", help="controlnet: the structure map it learns (canny, softedge, layout)")
     parser.add_argument("--cond-embedding-init", choices=["zero", "random"], default="zero",
                         help="controlnet: init of the condition embedding's last conv (zero: diffusers')")
     parser.add_argument("--t-min", type=int, default=0, help="controlnet: draw timesteps from [T_MIN, 1000)")
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..structure.maps import KINDS
 
             if args.condition not in KINDS or args.condition == "depth":
-                parser.error(f"--condition must be canny or softedge (maps computed without weights), not {args.condition!r}")
+                parser.error(f"--condition must be canny, softedge or layout (maps computed without weights), not {args.condition!r}")
             overrides["condition"] = args.condition
             overrides["cond_embedding_init"] = args.cond_embedding_init
             overrides["t_min"] = args.t_min

@@ -5,7 +5,7 @@
     pipe.edit(frames, "a red circle ...", "a red circle ... on a white background", control=control)
 """
 from .controlnet import StructureControl, build_control, check_fits, load_controlnet
-from .maps import KINDS, as_condition, canny, depth, softedge, user_maps
+from .maps import KINDS, as_condition, canny, depth, layout, softedge, user_maps
 
 __all__ = ["StructureControl", "build_control", "check_fits", "load_controlnet", "KINDS", "as_condition", "canny",
-           "depth", "softedge", "user_maps"]
+           "depth", "layout", "softedge", "user_maps"]

@@ -6,6 +6,7 @@ float in [0, 1].
 
     maps = canny(frames, low=50, high=100)      # OpenCV's Canny on the RGB frames (binary edges)
     maps = softedge(frames)                     # weight-free soft edges (below)
+    maps = layout(frames)                       # where things are and how big, not their outline (below)
     maps = depth(frames, "path/to/dpt-model")   # transformers' depth estimation, local weights only
     maps = user_maps("maps/", num_frames=8, size=(512, 512))   # a folder of images or a video
 
@@ -14,6 +15,13 @@ divided by the magnitude a full-contrast (0 -> 255) step edge gives, and clipped
 the soft-edge annotators of ControlNet, need network weights that cannot be downloaded here; this map needs
 none. It keeps what Canny throws away (how strong an edge is, and a continuous profile across it), and its
 fixed scale (no per-frame normalisation) keeps the maps of a video from flickering.
+
+`layout` is the Canny map low-passed with a Gaussian of sigma = 1/10 of the frame's short side, in units of
+three straight 1-px edges low-passed the same way (clipped to [0, 1]). It keeps where the edges are and how far
+they reach (an object's place and size) and drops their outline: a circle and a square of the same size give
+nearly the same blob; binary edges make it independent of contrast (a new background leaves it alone). Edges and soft edges hold the source's outline, so an edit that changes a shape
+fights them; this map is for such edits (the role of ControlNet's coarse conditions, scribble and
+segmentation, which need annotator weights).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from ..errors import ConfigError, ModelError
 
 CANNY_LOW, CANNY_HIGH = 50, 100  # OpenCV thresholds, as ControlNet's canny annotator and diffusers' examples
 SOFTEDGE_SIGMA = 1.0
+LAYOUT_FRACTION = 0.1  # layout's low-pass sigma, as a fraction of the frame's short side
 
 
 def _check(frames: np.ndarray) -> np.ndarray:
@@ -74,6 +83,28 @@ def softedge(frames: np.ndarray, sigma: float = SOFTEDGE_SIGMA) -> np.ndarray:
         gy = cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3)
         mag = np.sqrt(gx * gx + gy * gy).max(axis=-1)
         out[i] = np.clip(np.rint(mag / unit * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=-1)
+
+
+LAYOUT_UNIT = 3.0  # layout's unit: three straight edges' worth of low-passed edge (no object saturates)
+
+
+def layout(frames: np.ndarray, fraction: float = LAYOUT_FRACTION) -> np.ndarray:
+    """Where things are, not their outline (module docstring): Canny edges low-passed at sigma = fraction of
+    the short side, in units of LAYOUT_UNIT straight 1-px edges low-passed the same way, in [0, 255]."""
+    import cv2
+
+    frames = _check(frames)
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"layout fraction must be in (0, 1], not {fraction}")
+    blur = fraction * min(frames.shape[1:3])
+    n = 2 * int(4 * blur) + 3
+    line = np.zeros((n, n), np.float32)
+    line[:, n // 2] = 1.0
+    unit = LAYOUT_UNIT * float(cv2.GaussianBlur(line, (0, 0), blur).max())
+    edges = canny(frames)[..., 0].astype(np.float32) / 255.0
+    out = np.stack([cv2.GaussianBlur(e, (0, 0), blur) for e in edges]) / unit
+    out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(out[..., None], 3, axis=-1)
 
 
@@ -145,7 +176,7 @@ def as_condition(maps: np.ndarray):
 
 
 # The kinds computed from the source frames (user maps are a path instead of a kind).
-KINDS = ("canny", "softedge", "depth")
+KINDS = ("canny", "softedge", "layout", "depth")
 
 
 def compute(kind: str, frames: np.ndarray, depth_model: str | os.PathLike | None = None,
@@ -155,6 +186,8 @@ def compute(kind: str, frames: np.ndarray, depth_model: str | os.PathLike | None
         return canny(frames, canny_low, canny_high)
     if kind == "softedge":
         return softedge(frames)
+    if kind == "layout":
+        return layout(frames)
     if kind == "depth":
         if depth_model is None:
             raise ConfigError("the depth condition needs a depth model: pass --depth-model PATH_OR_ID (a local "
