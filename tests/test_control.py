@@ -17,6 +17,7 @@ from ei2.control import (
 from ei2.control.processors import ControlledFrameAttention, transformer_block_places
 from ei2.errors import EI2Error
 from ei2.inversion import ddim_invert, ddim_sample
+from ei2.sampling import Sampling
 from ei2.models import RECIPES, Recipe, VideoUNet
 
 
@@ -67,8 +68,8 @@ def edit(tiny, vu, config, source, target, shape=(3, 7, 5), steps=4, seed=0):
     f, h, w = shape
     controller = build_controller(config, tiny["tokenizer"], source, [target], steps)
     x_t = torch.randn(1, 4, f, h, w, generator=torch.Generator().manual_seed(seed)).expand(2, -1, -1, -1, -1)
-    out = controlled_sample(vu, tiny["scheduler"], x_t, tiny["encode"]([source, target]), steps, guidance_scale=7.5,
-                            uncond_emb=tiny["encode"]([""]), controller=controller)
+    out = controlled_sample(vu, tiny["scheduler"], x_t, tiny["encode"]([source, target]),
+                            Sampling(steps, guidance_scale=7.5), tiny["encode"]([""]), controller=controller)
     return out, controller
 
 
@@ -254,17 +255,17 @@ def test_null_text_inversion_reconstructs_better_than_ddim_inversion(tiny, tmp_p
 
     x_t = ddim_invert(vu, scheduler, x0, text, steps)
     assert torch.equal(ddim_inversion_trajectory(vu, scheduler, x0, text, steps)[-1], x_t)
-    plain = ddim_sample(vu, scheduler, x_t, text, steps, guidance_scale=scale, uncond_emb=empty)
+    sampling = Sampling(steps, guidance_scale=scale)
+    plain = ddim_sample(vu, scheduler, x_t, text, sampling, empty)
     # the controlled sampler and the trajectory repeat ei2.inversion's arithmetic exactly
-    assert torch.equal(controlled_sample(vu, scheduler, x_t, text, steps, guidance_scale=scale, uncond_emb=empty), plain)
+    assert torch.equal(controlled_sample(vu, scheduler, x_t, text, sampling, empty), plain)
 
     # lr 0.1 instead of SD's 1e-2: the tiny random text encoder's embeddings need larger moves
-    result = null_text_inversion(vu, scheduler, x0, text, empty, steps, guidance_scale=scale, num_inner_steps=10,
+    result = null_text_inversion(vu, scheduler, x0, text, empty, sampling, num_inner_steps=10,
                                  learning_rate=0.1, progress=None)
     assert result.uncond_embeddings.shape == (steps, 1, 77, 32)
     assert all(not p.requires_grad for p in vu.parameters())
-    nulltext = controlled_sample(vu, scheduler, result.latents, text, steps, guidance_scale=scale,
-                                 uncond_emb=result.uncond_embeddings)
+    nulltext = controlled_sample(vu, scheduler, result.latents, text, sampling, result.uncond_embeddings)
     plain_error = (plain - x0).pow(2).mean().item()
     nulltext_error = (nulltext - x0).pow(2).mean().item()
     print(f"reconstruction MSE: DDIM inversion {plain_error:.4g}, null-text inversion {nulltext_error:.4g}")
@@ -334,7 +335,7 @@ def test_controlled_edit_on_the_pipeline_caches_null_text_and_saves_attention(ti
     assert len(list((tmp_path / "cache").glob("*.nulltext.safetensors"))) == 1
 
     monkeypatch.setattr(edit_module, "null_text_inversion", lambda *a, **k: pytest.fail("cache not used"))
-    pipe.null_text_cache = None  # a new process: only the folder is left
+    pipe.null_text_cache = NullTextCache(tmp_path / "cache")  # a new process: only the folder is left
     again = controlled_edit(pipe, latents, "a red square", ["a tan square"], **kwargs)
     torch.testing.assert_close(again.latents, result.latents, atol=1e-4, rtol=1e-4)
 

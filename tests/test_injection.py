@@ -10,6 +10,7 @@ from ei2.control import InjectionConfig, P2PConfig, P2PError, controlled_edit
 from ei2.control.injection import FeatureInjection, from_source
 from ei2.control.processors import attention_control, transformer_block_places
 from ei2.models import RECIPES
+from ei2.sampling import Sampling
 
 STEPS = 4
 
@@ -180,7 +181,7 @@ def test_shared_source_equals_a_conditional_source_in_both_guidance_groups(tiny_
     uncond = torch.cat([text[:1], pipe.encode_prompt([""] * 2)])  # the source's "unconditional" = its prompt
     injection = FeatureInjection(config, 3, steps)
     with attention_control(pipe.unet, None, injection):  # the plain loop, every branch to the end
-        reference = ddim_sample(pipe.unet, pipe.ddim_scheduler(), x_t, text, steps, guidance, uncond,
+        reference = ddim_sample(pipe.unet, pipe.ddim_scheduler(), x_t, text, Sampling(steps, guidance_scale=guidance), uncond,
                                 callback=injection.step_callback)
     torch.testing.assert_close(fast.latents, reference[1:], rtol=1e-4, atol=1e-4)
 

@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from ei2.errors import EI2Error, ModelError, TuningError
 from ei2.inversion import InversionCache, ddim_invert, ddim_sample
 from ei2.pipeline import EI2Pipeline
+from ei2.sampling import Sampling
 from ei2.tuning import TuningConfig, latest_checkpoint, tune
 
 
@@ -44,7 +45,7 @@ def test_ddim_round_trip_with_a_perfect_model(prediction_type):
     x0 = torch.randn(1, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     x_t = ddim_invert(model, scheduler, x0, None, 50)
     assert 0.95 < x_t.std().item() < 1.1
-    back = ddim_sample(model, scheduler, x_t, None, 50, guidance_scale=1.0)
+    back = ddim_sample(model, scheduler, x_t, None, Sampling(50, guidance_scale=1.0))
     relative = ((back - x0).norm() / x0.norm()).item()
     assert relative < 2e-3, relative
 

@@ -13,6 +13,7 @@ from ei2.errors import EI2Error
 from ei2.inversion import (InversionCache, alpha, ddim_invert, ddim_move, ddim_sample, rescale_guidance, start_step,
                            timesteps)
 from ei2.pipeline import EI2Pipeline
+from ei2.sampling import Sampling
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
 
@@ -68,7 +69,7 @@ def test_ddim_step_equals_diffusers_ddim_scheduler_step(kind, spacing, zero_snr)
 def test_an_epsilon_model_is_refused_on_a_zero_snr_schedule():
     sched = scheduler("epsilon", "trailing", zero_snr=True)
     with pytest.raises(ValueError, match="v-prediction"):
-        ddim_sample(GaussianDenoiser(sched), sched, torch.randn(1, 4, 2, 8, 8), None, 10)
+        ddim_sample(GaussianDenoiser(sched), sched, torch.randn(1, 4, 2, 8, 8), None, Sampling(10, guidance_scale=1))
 
 
 @pytest.mark.parametrize("kind,spacing,zero_snr", [
@@ -83,7 +84,7 @@ def test_round_trip_with_a_perfect_model_on_each_schedule(kind, spacing, zero_sn
     x0 = torch.randn(1, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     x_t = ddim_invert(model, sched, x0, None, 50)
     assert 0.95 < x_t.std().item() < 1.1
-    back = ddim_sample(model, sched, x_t, None, 50)
+    back = ddim_sample(model, sched, x_t, None, Sampling(50, guidance_scale=1))
     relative = ((back - x0).norm() / x0.norm()).item()
     assert relative < 2e-3, relative
 
@@ -151,8 +152,8 @@ def test_strength_one_is_the_full_inversion_and_sampling_bit_for_bit(pipe):
     text = pipe.encode_prompt("a red square")
     with torch.no_grad():
         x_t = ddim_invert(pipe.unet, pipe.ddim_scheduler(), source, text, 6)
-        expected = ddim_sample(pipe.unet, pipe.ddim_scheduler(), x_t, pipe.encode_prompt("a blue square"), 6,
-                               guidance_scale=7.5, uncond_emb=pipe.encode_prompt(""))
+        expected = ddim_sample(pipe.unet, pipe.ddim_scheduler(), x_t, pipe.encode_prompt("a blue square"),
+                               Sampling(6, guidance_scale=7.5), pipe.encode_prompt(""))
     pipe.inversion_cache = InversionCache()
     out = pipe("a blue square", source_latents=source, source_prompt="a red square", num_inference_steps=6,
                guidance_scale=7.5, output_type="latent", strength=1.0)
@@ -242,8 +243,8 @@ def test_sampling_with_guidance_rescale_against_a_written_out_step():
     x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     cond, uncond = torch.tensor([[[0.5]]]), torch.tensor([[[-0.2]]])
     # 4 steps: 1000 / 4 is whole, so DDIMScheduler.step's previous timestep (t - 1000 // n) is the grid's next one
-    got = ddim_sample(Linear(), sched, x, cond, 4, guidance_scale=5.0, uncond_emb=uncond, guidance_rescale=0.7,
-                      rescale_std="frame")
+    got = ddim_sample(Linear(), sched, x, cond, Sampling(4, guidance_scale=5.0, guidance_rescale=0.7,
+                                                         guidance_rescale_std="frame"), uncond)
     sched.set_timesteps(4)
     expected = x
     for t in sched.timesteps:
@@ -335,22 +336,22 @@ def test_noise_regularization_is_part_of_the_inversion_cache_key(pipe):
     pipe.inversion_cache = InversionCache()
     plain = pipe.invert(latents=source, prompt="a red square", num_inference_steps=4)
     try:
-        pipe.noise_regularization = NoiseRegularization()
+        pipe.set_noise_regularization(NoiseRegularization())
         assert not pipe.is_inverted(source, "a red square", 4)
         regular = pipe.invert(latents=source, prompt="a red square", num_inference_steps=4)
     finally:
-        pipe.noise_regularization = None
+        pipe.set_noise_regularization(None)
     assert not torch.equal(plain, regular)
     assert torch.equal(pipe.invert(latents=source, prompt="a red square", num_inference_steps=4), plain)
 
 
 # ---------------------------------------------------------------------------------------------- with control
 def test_null_text_inversion_at_a_strength_reconstructs_from_that_level(pipe):
-    from ei2.control import controlled_edit
+    from ei2.control import NullTextCache, controlled_edit
 
     source = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(4))
     pipe.inversion_cache = InversionCache()
-    pipe.null_text_cache = None
+    pipe.null_text_cache = NullTextCache()
     steps, strength = 8, 0.5
     out = controlled_edit(pipe, source, "a red square", ["a red square"], null_text=True, num_inference_steps=steps,
                           guidance_scale=7.5, strength=strength, null_text_inner_steps=20)

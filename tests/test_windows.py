@@ -14,6 +14,7 @@ from ei2.inversion import ddim_sample
 from ei2.models.context import VideoContext
 from ei2.models.video_unet import VideoUNetOutput
 from ei2.pipeline import EI2Pipeline
+from ei2.sampling import Sampling
 from ei2.windows import WindowedUNet, Windowing, anchor_indices, merge_weights, window_starts
 
 
@@ -100,7 +101,8 @@ def test_windowed_step_merges_like_a_naive_loop_and_denoises_every_frame_every_s
     # every DDIM step sees every frame: one UNet call per group of windows, per step
     fake.calls.clear()
     scheduler = pytest.importorskip("diffusers").DDIMScheduler(steps_offset=1, set_alpha_to_one=False)
-    ddim_sample(WindowedUNet(fake, Windowing(w, anchors=0, batch=1), f), scheduler, x, torch.zeros(2, 3, 8), 4)
+    ddim_sample(WindowedUNet(fake, Windowing(w, anchors=0, batch=1), f), scheduler, x, torch.zeros(2, 3, 8),
+                Sampling(4, guidance_scale=1))
     per_step = len(starts)
     assert len(fake.calls) == 4 * per_step
     for step in range(4):
@@ -310,8 +312,9 @@ def test_controls_on_a_long_video_step_once_per_ddim_step_and_keep_whole_video_m
     text = pipe.encode_prompt(["a red square", "a blue square"])
     injection, denoiser = FeatureInjection(config, 2, steps), pipe.denoiser(f)
     with attention_control(denoiser, None, injection):  # the plain loop, both branches to the end
-        reference = ddim_sample(denoiser, pipe.ddim_scheduler(), x_t.expand(2, -1, -1, -1, -1), text, steps, 3.0,
-                                torch.cat([text[:1], pipe.encode_prompt("")]), callback=injection.step_callback)
+        reference = ddim_sample(denoiser, pipe.ddim_scheduler(), x_t.expand(2, -1, -1, -1, -1), text,
+                                Sampling(steps, guidance_scale=3.0), torch.cat([text[:1], pipe.encode_prompt("")]),
+                                callback=injection.step_callback)
     torch.testing.assert_close(injected.latents, reference[1:], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(injected.latents, plain, atol=1e-4)
     pipe.set_windowing(None)

@@ -55,6 +55,7 @@ def measure(recipe: str, unet2d, scheduler, args, device) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from ei2.inversion import ddim_invert, ddim_sample
+    from ei2.sampling import Sampling
     from ei2.models import VideoUNet
     from ei2.tuning import TuningConfig, tune
 
@@ -93,7 +94,7 @@ def measure(recipe: str, unet2d, scheduler, args, device) -> dict:
     inverted = ddim_invert(vu, ddim, latents, text, args.inference_steps)
     out["inversion"] = time.perf_counter() - t
     t = time.perf_counter()
-    ddim_sample(vu, ddim, inverted, text, args.inference_steps, guidance_scale=12.5, uncond_emb=uncond)
+    ddim_sample(vu, ddim, inverted, text, Sampling(args.inference_steps, guidance_scale=12.5), uncond)
     out["editing"] = time.perf_counter() - t
     return out
 

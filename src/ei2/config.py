@@ -34,6 +34,10 @@ def option(default, help: str, commands=BOTH, choices=None, metavar=None, path=F
     return field(default=default, metadata=meta)
 
 
+RECORD = {"commands": (), "record": True}  # the metadata of a Settings field that is not an option
+RECORD_FIELDS = ("explicit", "model_defaults")
+
+
 @dataclass
 class Settings:
     video: str | None = option(None, "source video: mp4/mov/webm/gif file or folder of frames", path=True)
@@ -141,8 +145,14 @@ class Settings:
     overwrite: bool = option(False, "replace an existing run folder")
     quiet: bool = option(False, "no progress bars or messages")
 
+    # Not options: where the values came from. `explicit`: the names the user set (a file, flags, a form), which
+    # a model's own defaults leave alone; `model_defaults`: the values the model's ei2_defaults.json gave.
+    explicit: frozenset = field(default=frozenset(), compare=False, repr=False, metadata=RECORD)
+    model_defaults: dict = field(default_factory=dict, compare=False, repr=False, metadata=RECORD)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options (not where they came from)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RECORD_FIELDS}
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:
@@ -226,7 +236,7 @@ def load_yaml(path: str | os.PathLike, command: str) -> dict:
     path = Path(path)
     data = read_yaml_mapping(path, "config file", "a mapping of option: value")
     known = {f.name: f for f in fields_for(command)}
-    everything = {f.name for f in dataclasses.fields(Settings)}
+    everything = {f.name for f in dataclasses.fields(Settings)} - set(RECORD_FIELDS)
     values = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
@@ -372,7 +382,7 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
         kinds = [default_control] if isinstance(default_control, str) else default_control
         if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
             raise ConfigError(f"{path}: 'control' must be a condition kind or a list of them")
-        if "control" in known and "control" not in getattr(settings, "explicit", ()):
+        if "control" in known and "control" not in settings.explicit:
             settings.control = list(kinds)
             applied["control"] = list(kinds)
     controlled_defaults = data.pop(MODEL_CONTROLLED, {})
@@ -384,7 +394,7 @@ def apply_model_defaults(settings: Settings, model_dir: str | os.PathLike | None
         name = key.replace("-", "_")
         if name not in MODEL_DEFAULT_KEYS:
             raise ConfigError(f"{path}: {key!r} cannot be a model default; allowed: {', '.join(MODEL_DEFAULT_KEYS)}")
-        if name not in known or name in getattr(settings, "explicit", ()):
+        if name not in known or name in settings.explicit:
             continue
         if name in PLAIN_EDIT_ONLY and getattr(settings, "p2p", None):
             continue

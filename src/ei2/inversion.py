@@ -35,8 +35,9 @@ import torch
 from safetensors import safe_open
 
 from . import defaults
-from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS, STRENGTH
+from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS
 from .files import atomic_path, file_system_problem, save_tensors
+from .sampling import Sampling, start_step  # noqa: F401 - start_step: the grid rule, re-exported
 from .structure.controlnet import guided_inputs
 
 
@@ -92,18 +93,6 @@ def timesteps(scheduler, num_inference_steps: int, device) -> list[int]:
     """The scheduler's own sampling grid, noisiest first (its `timestep_spacing` and `steps_offset`)."""
     scheduler.set_timesteps(num_inference_steps, device=device)
     return [int(t) for t in scheduler.timesteps]
-
-
-def start_step(num_steps: int, strength: float = STRENGTH) -> int:
-    """Index of the grid where sampling at `strength` starts: the last `int(num_steps * strength)` steps run
-    (diffusers img2img's rule); strength 1 starts at 0 (x_T)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-    run = min(int(num_steps * strength), num_steps)
-    if run < 1:
-        raise ValueError(f"strength {strength} of {num_steps} steps runs no step; raise the strength to at least "
-                         f"{1 / num_steps:.3g} or the number of steps")
-    return num_steps - run
 
 
 def rescale_guidance(guided, cond, guidance_rescale: float, std: str = GUIDANCE_RESCALE_STD):
@@ -303,46 +292,39 @@ def ddim_sample(
     scheduler,
     latents: torch.Tensor,
     text_emb: torch.Tensor,
-    num_inference_steps: int = INFERENCE_STEPS,
-    guidance_scale: float = 1.0,
+    sampling: Sampling,
     uncond_emb: torch.Tensor | None = None,
+    *,
     progress: Callable | None = None,
     callback: Callable | None = None,
-    cross_attention_kwargs: dict | None = None,
-    start: int = 0,
-    guidance_rescale: float = GUIDANCE_RESCALE,
-    rescale_std: str = GUIDANCE_RESCALE_STD,
     unguided: int = 0,
     drop_first: int = 0,
     drop_after: int | None = None,
     model_inputs: dict | None = None,
 ) -> torch.Tensor:
-    """DDIM sampling (eta = 0) from x_T `(b, c, f, h, w)` under `text_emb` `(b, L, D)`.
+    """DDIM sampling (eta = 0) from `latents` `(b, c, f, h, w)` under `text_emb` `(b, L, D)`, as `sampling` says
+    (`ei2.sampling.Sampling`: the grid, the strength, guidance and its rescale).
 
-    `start`: the grid index to begin at (`start_step` of a strength); `latents` are then at that level and
-    only the remaining steps run (`i` of the callback counts those, from 0).
-    With `uncond_emb` and `guidance_scale` != 1, classifier-free guidance is applied; `uncond_emb` is
-    `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step that runs (null-text inversion).
-    `guidance_rescale` (0: off) and `rescale_std` (`video` or `frame`): see `rescale_guidance`.
+    A strength < 1 starts at grid index `sampling.start`: `latents` are then at that level and only the remaining
+    steps run (`i` of the callback counts those, from 0). With `uncond_emb` and a guidance scale != 1,
+    classifier-free guidance is applied; `uncond_emb` is `(1 or b, L, D)`, or `(steps, 1, L, D)`, one per step
+    that runs (null-text inversion). (`sampling.negative_prompt` is the caller's to encode into `uncond_emb`.)
     `callback(i, t, latents) -> latents | None` runs after every step (it may replace the latents).
     `unguided`: the first entries are sampled without guidance (see `model_output`). `drop_first` entries leave
     the batch after step `drop_after` (an index of the steps that run; e.g. a source branch that is no longer
     needed); only the others are sampled on and returned.
-    `model_inputs`: the UNet's other inputs (`model_output`); `cross_attention_kwargs` joins them.
+    `model_inputs`: the UNet's other inputs (`model_output`: `cross_attention_kwargs`, a structure condition).
     """
+    num_inference_steps, start, guidance_scale = sampling.num_inference_steps, sampling.start, sampling.guidance_scale
+    guidance_rescale, rescale_std = sampling.guidance_rescale, sampling.guidance_rescale_std
     kind = prediction_type(scheduler)
-    if cross_attention_kwargs is not None:
-        model_inputs = {**(model_inputs or {}), "cross_attention_kwargs": cross_attention_kwargs}
     if not 0 <= unguided <= latents.shape[0]:
         raise ValueError(f"unguided must be between 0 and the batch size {latents.shape[0]}, got {unguided}")
     if not 0 <= drop_first < latents.shape[0]:
         raise ValueError(f"drop_first must leave at least one of the {latents.shape[0]} entries, got {drop_first}")
-    if guidance_scale != 1.0 and uncond_emb is None:
+    if sampling.guided and uncond_emb is None:
         raise ValueError("classifier-free guidance needs uncond_emb (the embedding of the negative/empty prompt)")
-    grid = timesteps(scheduler, num_inference_steps, latents.device)
-    if not 0 <= start < len(grid):
-        raise ValueError(f"start {start} is outside the {len(grid)}-step grid")
-    steps = grid[start:]
+    steps = timesteps(scheduler, num_inference_steps, latents.device)[start:]
     check_start(scheduler, steps[0])
     per_step = uncond_emb is not None and uncond_emb.ndim == 4
     if per_step and uncond_emb.shape[0] != len(steps):

@@ -34,10 +34,12 @@ from tqdm.auto import tqdm
 from . import defaults
 from .errors import EI2Error, ModelError
 from .files import save_tensors, staged_folder, write_json
+from .control.null_text import NullTextCache
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
-                        start_step, tensor_hash, timesteps)
+                        tensor_hash, timesteps)
 from .models import Recipe, VideoUNet
 from .models.video_unet import ADAPTER_CONFIG, ADAPTER_FOLDER
+from .sampling import SAMPLING_FIELDS, Sampling, as_sampling
 from .tuning import TuningConfig, TuningResult, tune
 from .windows import Windowing, WindowedUNet
 
@@ -184,10 +186,13 @@ class _ReportedBar:
 
 @dataclass
 class EI2PipelineOutput(BaseOutput):
-    """frames: (b, f, h, w, 3) uint8 (None for output_type="latent"); latents: the final (b, c, f, h, w)."""
+    """frames: (b, f, h, w, 3) uint8 (None for output_type="latent"); latents: the final (b, c, f, h, w);
+    attention, prompts: see `EI2Pipeline.edit`."""
 
     frames: np.ndarray | None
     latents: torch.Tensor
+    attention: object | None = None  # `edit` with record_attention: the controller holding the maps
+    prompts: list[str] | None = None  # its branches' prompts (the source first with P2P or injection)
 
 
 class EI2Pipeline(DiffusionPipeline):
@@ -202,9 +207,9 @@ class EI2Pipeline(DiffusionPipeline):
         self.mixed_precision = "fp32"  # "fp32", "fp16" or "bf16": autocast of the UNet, dtype of vae/text encoder
         self.inversion_cache = InversionCache()
         self.windowing: Windowing | None = None  # None: every video in one piece
-        # pix2pix-zero's regularisation of the inverted noise (None: plain DDIM inversion)
+        # pix2pix-zero's regularisation of the inverted noise (None: plain DDIM inversion; `set_noise_regularization`)
         self.noise_regularization: NoiseRegularization | None = None
-        self.null_text_cache = None  # ei2.control's null-text inversions (made on first use, beside inversion_cache)
+        self.null_text_cache = NullTextCache()  # null-text inversions (`ei2.control`), beside inversion_cache
         self._progress_callback: ProgressCallback | None = None
 
     def set_windowing(self, window: int | None = defaults.WINDOW, stride: int | None = None,
@@ -213,17 +218,26 @@ class EI2Pipeline(DiffusionPipeline):
         anchor frames seen by every window, `batch` windows per UNet call. `window=None`: no windowing."""
         self.windowing = None if window is None else Windowing(window, stride, anchors, batch)
 
+    def set_noise_regularization(self, regularization: NoiseRegularization | None) -> None:
+        """pix2pix-zero's regularisation of the inverted noise for the inversions that follow (None: plain DDIM)."""
+        self.noise_regularization = regularization
+
     def windowed(self, num_frames: int) -> bool:
         return self.windowing is not None and self.windowing.applies(num_frames)
 
     def denoiser(self, num_frames: int):
         """What inversion and sampling call for a video of `num_frames`: the UNet, or a `WindowedUNet` over it."""
-        self._windows_label = None
         if not self.windowed(num_frames):
             return self.unet
-        starts = self.windowing.starts(num_frames)
-        self._windows_label = f"{len(starts)} windows of {self.windowing.window}"
         return WindowedUNet(self.unet, self.windowing, num_frames, on_window=self._show_window)
+
+    def stage_bar(self, desc: str, num_frames: int) -> Callable:
+        """The progress-bar factory `progress(total=n)` of a stage on a video of `num_frames`: `progress_bar` under
+        `desc`, labelled with the windows of a long video ("editing (3 windows of 8)")."""
+        label = desc
+        if self.windowed(num_frames):
+            label = f"{desc} ({len(self.windowing.starts(num_frames))} windows of {self.windowing.window})"
+        return functools.partial(self.progress_bar, desc=label, report_as=desc)
 
     def windowing_key(self, num_frames: int) -> str:
         """The windowing's part of cache keys ("" when `num_frames` is edited in one piece)."""
@@ -283,6 +297,7 @@ class EI2Pipeline(DiffusionPipeline):
         pipe.mixed_precision = dtype
         pipe.model_source = str(source)
         pipe.inversion_cache = InversionCache(inversion_cache_dir)
+        pipe.null_text_cache = NullTextCache(inversion_cache_dir)
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             module.requires_grad_(False)
             module.eval()
@@ -340,22 +355,21 @@ class EI2Pipeline(DiffusionPipeline):
         return DDIMScheduler.from_config(self.scheduler.config)
 
     # ------------------------------------------------------------------------------------------ progress
-    def progress_bar(self, iterable=None, total=None, desc: str | None = None):
+    def progress_bar(self, iterable=None, total=None, desc: str | None = None, report_as: str | None = None):
         """A tqdm bar over `iterable` or of `total` steps, as diffusers' `progress_bar`: `set_progress_bar_config`
-        applies. `desc` labels it (with the windows of a long video: "editing (3 windows of 8)"). Each of its
-        steps is also reported to the progress callback (`set_progress_callback`) under `desc`."""
+        applies, `desc` labels it. Each of its steps is also reported to the progress callback
+        (`set_progress_callback`) under `report_as` (default: `desc`)."""
         if iterable is None and total is None:
             raise ValueError("Either `total` or `iterable` has to be defined.")
         config = dict(getattr(self, "_progress_bar_config", {}) or {})
         if desc is not None:
-            label = getattr(self, "_windows_label", None)
-            config.setdefault("desc", f"{desc} ({label})" if label else desc)
+            config.setdefault("desc", desc)
         config.setdefault("dynamic_ncols", True)
         bar = tqdm(iterable, total=total, **config)
         self._current_bar = bar
         if self._progress_callback is None:
             return bar
-        return _ReportedBar(bar, desc, self._progress_callback)
+        return _ReportedBar(bar, desc if report_as is None else report_as, self._progress_callback)
 
     def set_progress_callback(self, callback: ProgressCallback | None) -> None:
         """Report progress to `callback(desc, step, total)` besides the bars (also with bars disabled): it is
@@ -366,14 +380,6 @@ class EI2Pipeline(DiffusionPipeline):
 
     def _progress_enabled(self) -> bool:
         return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
-
-    @staticmethod
-    def start_step(num_inference_steps: int, strength: float) -> int:
-        """Grid index where an edit at `strength` starts (`ei2.inversion.start_step`); a bad strength is an EI2Error."""
-        try:
-            return start_step(num_inference_steps, strength)
-        except ValueError as e:
-            raise EI2Error(f"--strength: {e}") from None
 
     def check_size(self, height: int, width: int) -> None:
         for name, v in (("height", height), ("width", width)):
@@ -441,12 +447,12 @@ class EI2Pipeline(DiffusionPipeline):
             f, (h, w) = latents.shape[2], latents.shape[3:]
             control.check_frames(f, h * self.vae_scale_factor, w * self.vae_scale_factor)
 
-    def bind_control(self, control, num_inference_steps: int, strength: float = defaults.STRENGTH):
-        """The structure condition with its window bound to the steps that run (None stays None)."""
+    def bind_control(self, control, sampling: Sampling):
+        """The structure condition with its window bound to the steps `sampling` runs (None stays None)."""
         if control is None:
             return None
-        steps = timesteps(self.ddim_scheduler(), num_inference_steps, "cpu")
-        return control.for_steps(steps[self.start_step(num_inference_steps, strength):])
+        steps = timesteps(self.ddim_scheduler(), sampling.num_inference_steps, "cpu")
+        return control.for_steps(steps[sampling.start:])
 
     def inversion_key(self, latents: torch.Tensor, prompt: str, num_inference_steps: int, control=None) -> str:
         """Cache key of the DDIM inversion trajectory (every level, x_0 to x_T) of clean `latents` under
@@ -471,7 +477,7 @@ class EI2Pipeline(DiffusionPipeline):
     def is_inverted(self, latents: torch.Tensor, prompt: str, num_inference_steps: int, control=None,
                     strength: float = defaults.STRENGTH) -> bool:
         """Whether `invert(latents=latents, prompt=prompt, ...)` would come from the cache."""
-        control = self.bind_control(control, num_inference_steps, strength)
+        control = self.bind_control(control, Sampling(num_inference_steps, strength))
         return self.inversion_cache.get(self.inversion_key(latents, prompt, num_inference_steps, control)) is not None
 
     def save_adapter(self, directory: str | Path) -> Path:
@@ -598,7 +604,7 @@ class EI2Pipeline(DiffusionPipeline):
         with self.autocast():
             trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents,
                                                    text, num_inference_steps,
-                                                   progress=functools.partial(self.progress_bar, desc="inversion"),
+                                                   progress=self.stage_bar("inversion", latents.shape[2]),
                                                    noise_regularization=self.noise_regularization,
                                                    model_inputs=None if control is None else {"control": control})
         trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
@@ -620,11 +626,11 @@ class EI2Pipeline(DiffusionPipeline):
         """DDIM inversion of the source video under `prompt` -> the latent where sampling at `strength` starts
         (x_T at strength 1), from the cached trajectory (`invert_trajectory`), under the structure condition
         `control` if given (its window bound to the steps sampling at `strength` runs)."""
+        sampling = Sampling(num_inference_steps, strength)
         trajectory = self.invert_trajectory(frames, prompt, latents=latents, num_inference_steps=num_inference_steps,
                                             use_cache=use_cache,
-                                            control=self.bind_control(control, num_inference_steps, strength))
-        n = len(trajectory) - 1
-        return trajectory[n - start_step(n, strength)].clone()
+                                            control=self.bind_control(control, sampling))
+        return trajectory[len(trajectory) - 1 - sampling.start].clone()
 
     @torch.no_grad()
     def __call__(
@@ -662,29 +668,28 @@ class EI2Pipeline(DiffusionPipeline):
         `strength` < 1 (an edit of a source video): only the last `int(num_inference_steps * strength)` steps
         run, from the inversion's latent at that level (given `latents` are taken to be at that level).
         `guidance_rescale` (phi, 0: off): the guided prediction rescaled towards the conditional one's std, per
-        `guidance_rescale_std` ("video" or "frame").
+        `guidance_rescale_std` ("video" or "frame"). These sampling arguments make one `ei2.sampling.Sampling`.
         `control`: a structure condition (`ei2.structure.StructureControl`: ControlNets, one map per frame, scales,
         window), on during sampling and, unless `control_inversion=False`, during the DDIM inversion (DESIGN §1.12).
         Returns `EI2PipelineOutput(frames (b, f, h, w, 3) uint8, latents (b, c, f, h, w))`.
         """
         # 1. Check inputs
         prompts = self._check_prompt(prompt, "target_prompt")
+        sampling = Sampling(num_inference_steps, strength, guidance_scale, guidance_rescale, guidance_rescale_std,
+                            negative_prompt)
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of {self._callback_tensor_inputs}")
-        if num_inference_steps < 1:
-            raise EI2Error(f"--inference-steps must be at least 1, got {num_inference_steps}")
-        start = self.start_step(num_inference_steps, strength)
-        if start and latents is None and frames is None and source_latents is None:
-            raise EI2Error(f"--strength {strength} edits a source video; generating from noise needs strength 1")
+        if sampling.start and latents is None and frames is None and source_latents is None:
+            raise EI2Error(f"strength {strength} edits a source video; generating from noise needs strength 1")
         device = self.unet.device
         batch = len(prompts)
 
         # 2. Encode the target prompts, and the negative (or empty) prompt for classifier-free guidance
         text = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negative_prompt or "") if guidance_scale != 1.0 else None
+        uncond = self.encode_prompt(negative_prompt or "") if sampling.guided else None
 
         # 3. Prepare the starting latents x_T
         if latents is None and (frames is not None or source_latents is not None):
@@ -705,7 +710,7 @@ class EI2Pipeline(DiffusionPipeline):
         if latents.shape[0] == 1 and batch > 1:
             latents = latents.expand(batch, -1, -1, -1, -1).clone()
         self.check_control(control, latents)
-        control = self.bind_control(control, num_inference_steps, strength)
+        control = self.bind_control(control, sampling)
 
         # 4. Denoise with DDIM
         def on_step(i, t, x):
@@ -715,14 +720,13 @@ class EI2Pipeline(DiffusionPipeline):
             out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
             return out.get("latents")
 
+        inputs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+        if control is not None:
+            inputs["control"] = control
         with self.autocast():
-            latents = ddim_sample(
-                self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents, text, num_inference_steps,
-                guidance_scale=guidance_scale,
-                uncond_emb=uncond, progress=functools.partial(self.progress_bar, desc="editing"), callback=on_step,
-                cross_attention_kwargs=cross_attention_kwargs, start=start, guidance_rescale=guidance_rescale,
-                rescale_std=guidance_rescale_std, model_inputs=None if control is None else {"control": control},
-            )
+            latents = ddim_sample(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents, text, sampling, uncond,
+                                  progress=self.stage_bar("editing", latents.shape[2]), callback=on_step,
+                                  model_inputs=inputs or None)
         latents = latents.float()
 
         # 5. Decode
@@ -731,25 +735,41 @@ class EI2Pipeline(DiffusionPipeline):
             return (frames_out, latents)
         return EI2PipelineOutput(frames=frames_out, latents=latents)
 
-    def edit(self, frames: np.ndarray, source_prompt: str, target_prompt: str | list[str], *, p2p=None,
-             null_text: bool = False, injection=None, **kwargs) -> EI2PipelineOutput:
-        """Invert the source video (cached) and sample it again under `target_prompt`; see `__call__`.
+    def edit(self, frames: np.ndarray | None, source_prompt: str, target_prompt: str | list[str], *,
+             source_latents: torch.Tensor | None = None, sampling: Sampling | None = None, p2p=None,
+             null_text: bool = False, injection=None, record_attention: bool = False, control=None,
+             control_inversion: bool = True, **kwargs) -> EI2PipelineOutput:
+        """Invert the source video (frames, or its clean `source_latents`; cached) and sample it again under
+        `target_prompt`: the one edit dispatcher, which the job layer calls too.
 
-        `p2p` (an `ei2.control.P2PConfig`): Prompt-to-Prompt attention control, the source branch denoised
-        along; `null_text`: null-text inversion instead of DDIM inversion (DESIGN §1.8); `injection` (an
-        `ei2.control.InjectionConfig`): the source's decoder features and frame-attention queries/keys
-        injected for the first steps, to keep its layout and motion (DESIGN §1.9). With any of them, the
-        keyword arguments are those of `ei2.control.controlled_edit`.
+        `sampling`: an `ei2.sampling.Sampling`, or its fields as keywords (see `__call__`); a plain edit also takes
+        `__call__`'s other keywords (`callback_on_step_end`, `output_type`, ...). `p2p` (an
+        `ei2.control.P2PConfig`): Prompt-to-Prompt attention control, the source branch denoised along;
+        `null_text`: null-text inversion instead of DDIM inversion (DESIGN §1.8); `injection` (an
+        `ei2.control.InjectionConfig`): the source's decoder features and frame-attention queries/keys injected
+        for the first steps, to keep its layout and motion (DESIGN §1.9); `record_attention`: keep the attention
+        maps (`output.attention`, for `ei2.control.save_attention_grid`). With any of them the edit is
+        `ei2.control.controlled_edit`; otherwise plain DDIM sampling from the inversion (`__call__`).
+        `control`: a structure condition, on every branch and, unless `control_inversion=False`, the inversion.
         """
         self._check_prompt(source_prompt, "source_prompt")
-        steps = kwargs.get("num_inference_steps", defaults.INFERENCE_STEPS)
-        run = steps - self.start_step(steps, kwargs.get("strength", defaults.STRENGTH)) if steps >= 1 else steps
-        injects = injection is not None and injection.active(run)
-        if p2p is None and not null_text and not injects:
-            return self(target_prompt, frames, source_prompt, **kwargs)
+        self._check_prompt(target_prompt, "target_prompt")
+        sampling = as_sampling(sampling, **{k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLING_FIELDS})
+        if source_latents is None:
+            if frames is None:
+                raise ValueError("give frames or source_latents")
+            source_latents = self.encode_frames(frames)
+        injects = injection is not None and injection.active(sampling.steps_run)
+        if p2p is None and not null_text and not injects and not record_attention:
+            return self(target_prompt, source_prompt=source_prompt, source_latents=source_latents,
+                        control=control, control_inversion=control_inversion, **sampling.to_dict(), **kwargs)
+        if kwargs:
+            raise TypeError(f"{', '.join(kwargs)}: not taken by an edit with P2P, null-text inversion, injection or "
+                            "recorded attention (`ei2.control.controlled_edit`)")
         from .control.edit import controlled_edit
 
-        self._check_prompt(target_prompt, "target_prompt")
-        result = controlled_edit(self, self.encode_frames(frames), source_prompt, target_prompt, p2p=p2p,
-                                 null_text=null_text, injection=injection, **kwargs)
-        return EI2PipelineOutput(frames=self.decode_latents(result.latents), latents=result.latents)
+        result = controlled_edit(self, source_latents, source_prompt, target_prompt, sampling=sampling, p2p=p2p,
+                                 null_text=null_text, injection=injection, record_attention=record_attention,
+                                 control=control, control_inversion=control_inversion)
+        return EI2PipelineOutput(frames=self.decode_latents(result.latents), latents=result.latents,
+                                 attention=result.controller, prompts=result.prompts)

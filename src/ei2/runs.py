@@ -43,8 +43,6 @@ from .files import FolderBusyError, FolderLock, file_system_problem, replace_fol
 RUN_FILE = "run.json"
 PARTIAL = ".partial"
 WARNING = "warning: "  # the start of a `say` message that --quiet does not silence
-MAX_INFERENCE_STEPS = 1000
-MAX_GUIDANCE_SCALE = 100.0
 TUNED_FILE = ".tuned.json"  # in `<out>.partial/` beside a finished adapter: what it was tuned on, for `resume`
 
 Progress = Callable[[str, int, int], None]
@@ -68,21 +66,9 @@ def validate(s: cfg.Settings, command: str) -> None:
         for p in s.target_prompt:
             if not p.strip():
                 raise ConfigError('a --target-prompt is empty; describe the edited video in words')
-        if not 1 <= s.inference_steps <= MAX_INFERENCE_STEPS:
-            raise ConfigError(f"--inference-steps must be between 1 and {MAX_INFERENCE_STEPS} (the training "
-                              f"timesteps of Stable Diffusion), got {s.inference_steps}")
-        if not 0 <= s.guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise ConfigError(f"--guidance-scale must be between 0 and {MAX_GUIDANCE_SCALE:g} (1: no guidance; "
-                              f"Stable Diffusion's usual 7.5), got {s.guidance_scale}")
+        sampling(s)  # steps, strength, guidance: checked where the frozen sampling config is made
         if s.fps is not None and s.fps <= 0:
             raise ConfigError(f"--fps must be positive, got {s.fps}")
-        if not 0 < s.strength <= 1:
-            raise ConfigError(f"--strength must be in (0, 1] (1: the whole DDIM grid), got {s.strength}")
-        if int(s.inference_steps * s.strength) < 1:
-            raise ConfigError(f"--strength {s.strength} of {s.inference_steps} inference steps runs no step; raise "
-                              f"it to at least {1 / s.inference_steps:.3g} or raise --inference-steps")
-        if not 0 <= s.guidance_rescale <= 1:
-            raise ConfigError(f"--guidance-rescale must be in [0, 1] (0: off, 0.7: Lin et al.), got {s.guidance_rescale}")
         _p2p_config(s)  # fractions, thresholds, option combinations: before anything is loaded
         injection_config(s)
         if s.adapter and s.resume:
@@ -114,6 +100,18 @@ def validate(s: cfg.Settings, command: str) -> None:
         raise ConfigError("--resume needs the --out of the interrupted run")
     if not Path(s.video).exists():
         raise ConfigError(f"video not found: {s.video}")
+
+
+def sampling(s: cfg.Settings):
+    """The settings' `ei2.sampling.Sampling` (grid, strength, guidance, negative prompt); a bad value is a
+    ConfigError naming its flag."""
+    from .sampling import Sampling, SettingError
+
+    try:
+        return Sampling(s.inference_steps, s.strength, s.guidance_scale, s.guidance_rescale, s.guidance_rescale_std,
+                        s.negative_prompt)
+    except SettingError as e:
+        raise ConfigError(f"{cfg.flag(e.setting)} {e.problem}") from None
 
 
 def control_scales(s: cfg.Settings) -> list[float]:
@@ -435,7 +433,7 @@ def _prepare(s: cfg.Settings, command: str, timings: dict):
     t = time.perf_counter()
     video = read_video(s.video, None if s.frames == "all" else s.frames, s.stride, s.start, (height, width))
     timings["read_video_s"] = round(time.perf_counter() - t, 3)
-    if video.num_frames < s.window and "window" in getattr(s, "explicit", ()):
+    if video.num_frames < s.window and "window" in s.explicit:
         raise ConfigError(f"video has {video.num_frames} frames; --window {s.window} needs at least {s.window} "
                           f"(pass a smaller --window, or no --window to edit it in one piece)")
     configure(pipe, s)
@@ -447,7 +445,7 @@ def configure(pipe, s: cfg.Settings) -> None:
     from .inversion import NoiseRegularization
 
     pipe.set_windowing(s.window, anchors=s.anchor_frames)
-    pipe.noise_regularization = NoiseRegularization(seed=s.seed) if s.noise_regularization else None
+    pipe.set_noise_regularization(NoiseRegularization(seed=s.seed) if s.noise_regularization else None)
 
 
 def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, record: dict,
@@ -519,7 +517,7 @@ def _record(s: cfg.Settings, command: str, argv, pipe, video, size, final: Path)
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "run_folder": str(final),
         "settings": settings,
-        "model_defaults": getattr(s, "model_defaults", {}),
+        "model_defaults": s.model_defaults,
         "versions": _versions(),
         "seeds": {"seed": s.seed, "tuning_noise_seed": s.seed},
         "video": {"path": str(video.path), "frames": video.num_frames, "fps": video.fps, "hash": frames_hash(video.frames),
@@ -570,6 +568,28 @@ def _noop(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- jobs
+@contextlib.contextmanager
+def _process(s: cfg.Settings, progress: Progress | None, say: Say | None):
+    """This process's part of a job: (rank, world, progress, say). Under `accelerate launch` the device is the
+    process's own; a process other than rank 0 computes its share (tuning micro-batches, windows) quietly in a
+    scratch folder it removes after, and rank 0 alone writes the run."""
+    import tempfile
+
+    from .distributed import init_distributed
+
+    say = say or _noop
+    rank, world, s.device = init_distributed(s.device)
+    if not rank:
+        yield rank, world, progress, say
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f"ei2-rank{rank}-"))
+    s.out, s.overwrite, s.resume, s.quiet = str(scratch / "run"), True, False, True
+    try:
+        yield rank, world, None, _noop
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | None = None,
          root: Path | str = "outputs") -> Path:
     """`ei2 tune`: tune on the video and write the adapter folder (with run.json); returns that folder.
@@ -578,21 +598,8 @@ def tune(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     Under `accelerate launch --multi_gpu --num_processes N` every process tunes its share of each step
     (`ei2.tuning`); rank 0 alone writes the folder and the others wait for it at a barrier.
     """
-    import tempfile
-
-    from .distributed import init_distributed
-
-    say = say or _noop
-    rank, world, s.device = init_distributed(s.device)
-    scratch = None
-    if rank:  # another process of `accelerate launch`: it tunes its share, rank 0 writes the adapter
-        scratch = Path(tempfile.mkdtemp(prefix=f"ei2-rank{rank}-"))
-        s.out, s.overwrite, s.resume, s.quiet, say, progress = str(scratch / "run"), True, False, True, _noop, None
-    try:
+    with _process(s, progress, say) as (rank, world, progress, say):
         return _tune_job(s, argv, progress, say, root, rank, world)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _tune_job(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, rank: int, world: int) -> Path:
@@ -629,21 +636,8 @@ def edit(s: cfg.Settings, argv=(), progress: Progress | None = None, say: Say | 
     The folder holds `adapter/` (unless reused), `edits/NN-<prompt>.mp4|.gif`, `source.*`, `grid.*` and
     `run.json`; returns it. `s` must have passed `validate(s, "edit")`.
     """
-    import tempfile
-
-    from .distributed import init_distributed
-
-    say = say or _noop
-    rank, world, s.device = init_distributed(s.device)
-    scratch = None
-    if rank:  # another process of `accelerate launch`: it computes its windows, rank 0 writes the run
-        scratch = Path(tempfile.mkdtemp(prefix=f"ei2-rank{rank}-"))
-        s.out, s.overwrite, s.resume, s.quiet, say, progress = str(scratch / "run"), True, False, True, _noop, None
-    try:
+    with _process(s, progress, say) as (rank, world, progress, say):
         return _edit(s, argv, progress, say, root, world)
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, world: int) -> Path:
@@ -689,22 +683,21 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
     t = time.perf_counter()
     inversion_control = control if s.control_inversion else None
     cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps, inversion_control, s.strength)
-    inverted = None
-    if not s.null_text:  # null-text inversion runs (cached) in the first controlled edit
+    if not s.null_text:  # null-text inversion runs (cached) in the first edit; the edits take this one from the cache
         report("inversion", 0, s.inference_steps)
-        inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
-                               strength=s.strength, control=inversion_control)
+        pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
+                    strength=s.strength, control=inversion_control)
         report("inversion", s.inference_steps, s.inference_steps)
     timings["invert_s"] = round(time.perf_counter() - t, 3)
     record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
                            "null_text": s.null_text, "strength": s.strength,
                            "noise_regularization": None if pipe.noise_regularization is None
                            else dataclasses.asdict(pipe.noise_regularization),
-                           "sampled_steps": _sampled_steps(s)}
+                           "sampled_steps": sampling(s).steps_run}
     if p2p is not None:
         record["p2p"] = p2p.to_dict()
     injection = injection_config(s)
-    if injection.active(_sampled_steps(s)):
+    if injection.active(sampling(s).steps_run):
         record["injection"] = injection.to_dict()
 
     edits, edited, timings["edit_s"] = [], [], []
@@ -714,15 +707,15 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
         t = time.perf_counter()
         say(f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
         report.stage = f"edit {i}/{len(s.target_prompt)}"
-        report(report.stage, 0, _sampled_steps(s))
+        report(report.stage, 0, sampling(s).steps_run)
         stem = f"{i:02d}-{_slug(prompt)}"
-        frames, extra = edit_one(s, pipe, latents, inverted, prompt, p2p, out / "edits" / stem, control)
+        frames, extra = edit_one(s, pipe, latents, prompt, p2p, out / "edits" / stem, control)
         timings["edit_s"].append(round(time.perf_counter() - t, 3))
         write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
         write_gif(frames, out / "edits" / f"{stem}.gif", fps)
         edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
         edited.append(frames)
-        report(report.stage, _sampled_steps(s), _sampled_steps(s))
+        report(report.stage, sampling(s).steps_run, sampling(s).steps_run)
     report.stage = None
 
     t = time.perf_counter()
@@ -743,34 +736,22 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
     report("write", 1, 1)
 
 
-def edit_one(s: cfg.Settings, pipe, latents, inverted, prompt: str, p2p, stem: Path, control=None):
-    """One target prompt -> (frames (f, h, w, 3) uint8, extra run.json entries of this edit).
+def edit_one(s: cfg.Settings, pipe, latents, prompt: str, p2p, stem: Path, control=None):
+    """One target prompt -> (frames (f, h, w, 3) uint8, extra run.json entries of this edit): the job layer's one
+    edit, which every front end reaches, through the pipeline's one dispatcher (`EI2Pipeline.edit`) from the clean
+    source `latents` (their inversion comes from the cache). `control`: the structure condition
+    (`structure_control`), on every branch. --save-attention's grid is written beside the edit (`stem`)."""
+    from .control import save_attention_grid, word_token_indices
 
-    The one place an edit is made: plain DDIM sampling from the inverted `inverted` (x_T), or, with P2P
-    control, structure-preserving injection, null-text inversion or --save-attention, a controlled edit
-    from the clean `latents` (the source branch denoised along). `control`: the structure condition
-    (`structure_control`), on every branch of either.
-    """
-    injection = injection_config(s)
-    if p2p is not None or s.null_text or s.save_attention or injection.active(_sampled_steps(s)):
-        return _controlled_edit(s, pipe, latents, prompt, p2p, injection, stem, control)
-    result = pipe(prompt, latents=inverted, negative_prompt=s.negative_prompt,
-                  num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale, control=control,
-                  **_sampling(s))
-    return result.frames[0], {}
-
-
-def _sampling(s: cfg.Settings) -> dict:
-    """The sampling options of the settings, as the pipeline's and `controlled_edit`'s keyword arguments."""
-    return {"strength": s.strength, "guidance_rescale": s.guidance_rescale,
-            "guidance_rescale_std": s.guidance_rescale_std}
-
-
-def _sampled_steps(s: cfg.Settings) -> int:
-    """The DDIM steps an edit samples at the settings' strength (the count injection and P2P fractions use)."""
-    from .inversion import start_step
-
-    return s.inference_steps - start_step(s.inference_steps, s.strength)
+    result = pipe.edit(None, s.source_prompt, [prompt], source_latents=latents, sampling=sampling(s), p2p=p2p,
+                       null_text=s.null_text, injection=injection_config(s), record_attention=bool(s.save_attention),
+                       control=control, control_inversion=s.control_inversion)
+    extra = {}
+    if s.save_attention and any(word_token_indices(pipe.tokenizer, p, s.save_attention) for p in result.prompts):
+        path = stem.with_name(f"{stem.name}.attention-{_slug(s.save_attention)}.png")
+        save_attention_grid(result.attention, pipe.tokenizer, result.prompts, s.save_attention, path)
+        extra["attention"] = f"edits/{path.name}"
+    return result.frames[0], extra
 
 
 def injection_config(s: cfg.Settings):
@@ -804,31 +785,12 @@ def check_control(s: cfg.Settings, pipe):
 
     p2p = _p2p_config(s)
     if p2p is not None:
-        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, _sampled_steps(s))
+        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, sampling(s).steps_run)
     blocks = len(pipe.unet.unet.up_blocks)
-    if injection_config(s).active(_sampled_steps(s)) and s.inject_block >= blocks:
+    if injection_config(s).active(sampling(s).steps_run) and s.inject_block >= blocks:
         raise P2PError(f"--inject-block {s.inject_block}: this model's decoder has blocks 0..{blocks - 1}")
     if s.save_attention and not any(word_token_indices(pipe.tokenizer, p, s.save_attention)
                                     for p in [s.source_prompt, *s.target_prompt]):
         raise P2PError(f"--save-attention word {s.save_attention!r} is in no prompt; use a word of the source "
                        "or a target prompt")
     return p2p
-
-
-def _controlled_edit(s: cfg.Settings, pipe, latents, prompt: str, p2p, injection, stem: Path, control=None):
-    """One edit with attention control, injection and/or null-text inversion -> (frames, run.json entries);
-    the attention grid of --save-attention is written beside the edit."""
-    from .control import controlled_edit, save_attention_grid, word_token_indices
-
-    result = controlled_edit(pipe, latents, s.source_prompt, [prompt], p2p=p2p, null_text=s.null_text,
-                             injection=injection,
-                             num_inference_steps=s.inference_steps, guidance_scale=s.guidance_scale,
-                             negative_prompt=s.negative_prompt, record_attention=bool(s.save_attention),
-                             control=control, control_inversion=s.control_inversion, **_sampling(s))
-    extra = {}
-    if s.save_attention and any(word_token_indices(pipe.tokenizer, p, s.save_attention) for p in result.prompts):
-        path = stem.with_name(f"{stem.name}.attention-{_slug(s.save_attention)}.png")
-        save_attention_grid(result.controller, pipe.tokenizer, result.prompts, s.save_attention, path)
-        extra["attention"] = f"edits/{path.name}"
-    return pipe.decode_latents(result.latents)[0], extra
-

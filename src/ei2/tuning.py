@@ -185,32 +185,17 @@ def tune(
     tuned under, so that the adapter learns what the controlled edit will give it; a clip gets its frames' maps.
     """
     config = config or TuningConfig()
-    if latents.ndim != 5:
-        raise ValueError(f"latents must be (b, c, f, h, w), got {tuple(latents.shape)}")
+    checkpoint_dir = _check_arguments(latents, config, checkpoint_dir, resume)
     device = latents.device
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if config.checkpoint_every and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs a checkpoint_dir")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume needs a checkpoint_dir")
-
     params = unet.set_trainable()
     names = [name for name, _ in unet.trainable_parameters()]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-    )
-    accelerator = _accelerator(config.mixed_precision, device)  # joins the process group of a launch, if any
-    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    optimizer, accelerator = _optimizer(params, config, device)  # joins the process group of a launch, if any
     shared = _ACROSS_PROCESSES.get() if across_processes is None else across_processes
     rank, world = processes() if shared else (0, 1)
-    accumulation = config.gradient_accumulation
-    micro_batches = world * accumulation
-    mine = range(rank * accumulation, (rank + 1) * accumulation)  # this process's micro-batches of every step
-    generator = torch.Generator().manual_seed(config.seed)  # noise and timesteps, drawn on the CPU
-    num_frames = latents.shape[2]
-    window = config.window if config.window is not None and config.window < num_frames else None
-    identity = tuning_identity(unet, latents, text_emb, names, window, micro_batches)
+    micro_batches = world * config.gradient_accumulation
+    mine = range(rank * config.gradient_accumulation, (rank + 1) * config.gradient_accumulation)  # this process's
+    clips = _Clips(latents, config.window, noise_scheduler.config.num_train_timesteps, config.seed)
+    identity = tuning_identity(unet, latents, text_emb, names, clips.window, micro_batches)
     if control is not None:
         identity["control"] = control.key()
     result = TuningResult(processes=world, micro_batches=micro_batches)
@@ -219,7 +204,7 @@ def tune(
     start = 0
     checkpoint = _read_shared_checkpoint(checkpoint_dir, resume, rank, world, device)
     if checkpoint is not None:
-        start, result.losses = _apply_checkpoint(checkpoint, unet, names, optimizer, accelerator, generator,
+        start, result.losses = _apply_checkpoint(checkpoint, unet, names, optimizer, accelerator, clips.generator,
                                                   identity, config)
         result.resumed_from = start
         if start > config.steps:
@@ -229,9 +214,6 @@ def tune(
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    clip_frames = window or num_frames
-    clip_shape = (*latents.shape[:2], clip_frames, *latents.shape[3:])
     bar = tqdm(total=config.steps, initial=start, desc="tuning", disable=not progress or rank != 0,
                dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -239,30 +221,13 @@ def tune(
         for step in range(start + 1, config.steps + 1):
             loss_sum = 0.0
             for k in range(micro_batches):  # every process draws all of them, in order; trains on its own
-                first = 0
-                if window is not None:  # one clip of `window` consecutive frames: b c f h w -> b c window h w
-                    first = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
-                    result.clip_starts.append(first)
-                noise = torch.randn(clip_shape, generator=generator)
-                timesteps = torch.randint(0, num_train_timesteps, (clip_shape[0],), generator=generator)
-                if k not in mine:
-                    continue
-                clip = latents[:, :, first : first + clip_frames]
-                noise, timesteps = noise.to(device, clip.dtype), timesteps.to(device)
-                noisy = noise_scheduler.add_noise(clip, noise, timesteps)
-                with accelerator.autocast():
-                    part = None if control is None else control.select_frames(slice(first, first + clip_frames))
-                    prediction = unet(noisy, timesteps, text_emb, control=part).sample
-                loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
-                loss_sum += loss.item()
-                accelerator.backward(loss)  # summed into .grad over this process's micro-batches
+                first, noise, timesteps = clips.draw(result.clip_starts)
+                if k in mine:
+                    loss_sum += _micro_batch(unet, noise_scheduler, accelerator, clips.clip(first), noise, timesteps,
+                                             text_emb, None if control is None else control.select_frames(
+                                                 slice(first, first + clips.frames)))
             value = _average_gradients(params, loss_sum, micro_batches, world, device)
-            if not math.isfinite(value):  # the same value in every process: all of them stop
-                raise TuningError(
-                    f"tuning loss became {value} at step {step} (lr {config.learning_rate:g}, "
-                    f"precision {config.mixed_precision}); lower --lr"
-                    + (" or use --dtype bf16/fp32" if config.mixed_precision == "fp16" else "")
-                )
+            _check_finite(value, step, config)  # the same value in every process: all of them stop
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -272,8 +237,8 @@ def tune(
             bar.set_postfix(loss=f"{value:.4f}")
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
                 if rank == 0:
-                    _save_checkpoint(checkpoint_dir, step, unet, names, optimizer, accelerator, generator, identity,
-                                     result.losses, config)
+                    _save_checkpoint(checkpoint_dir, step, unet, names, optimizer, accelerator, clips.generator,
+                                     identity, result.losses, config)
                 barrier(world)
             if callback is not None:
                 callback(step, value)
@@ -289,6 +254,73 @@ def tune(
     ran = config.steps - start
     result.seconds_per_step = result.seconds / ran if ran else None
     return result
+
+
+def _check_arguments(latents: torch.Tensor, config: TuningConfig, checkpoint_dir, resume: bool) -> Path | None:
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be (b, c, f, h, w), got {tuple(latents.shape)}")
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if config.checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs a checkpoint_dir")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume needs a checkpoint_dir")
+    return checkpoint_dir
+
+
+def _optimizer(params, config: TuningConfig, device: torch.device):
+    """AdamW on the recipe's tensors, prepared by an accelerate `Accelerator` of the config's precision."""
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
+    )
+    accelerator = _accelerator(config.mixed_precision, device)
+    return accelerator.prepare_optimizer(optimizer, device_placement=False), accelerator
+
+
+class _Clips:
+    """What each micro-batch trains on, drawn from one seeded CPU generator in a fixed order (so that a resumed or
+    shared tuning draws the same): the clip's first frame (with a window shorter than the video), noise, timesteps."""
+
+    def __init__(self, latents: torch.Tensor, window: int | None, num_train_timesteps: int, seed: int):
+        self.latents, self.num_train_timesteps = latents, num_train_timesteps
+        num_frames = latents.shape[2]
+        self.window = window if window is not None and window < num_frames else None
+        self.frames = self.window or num_frames
+        self.shape = (*latents.shape[:2], self.frames, *latents.shape[3:])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, starts: list[int]):
+        """(first frame, noise, timesteps) of the next micro-batch; a windowed clip's first frame joins `starts`."""
+        first = 0
+        if self.window is not None:  # one clip of `window` consecutive frames: b c f h w -> b c window h w
+            first = int(torch.randint(0, self.latents.shape[2] - self.window + 1, (1,), generator=self.generator))
+            starts.append(first)
+        noise = torch.randn(self.shape, generator=self.generator)
+        timesteps = torch.randint(0, self.num_train_timesteps, (self.shape[0],), generator=self.generator)
+        return first, noise, timesteps
+
+    def clip(self, first: int) -> torch.Tensor:
+        return self.latents[:, :, first : first + self.frames]
+
+
+def _micro_batch(unet, noise_scheduler, accelerator, clip, noise, timesteps, text_emb, control) -> float:
+    """One micro-batch: the denoising loss of `clip` under `noise` at `timesteps`, its gradient added into .grad."""
+    noise, timesteps = noise.to(clip.device, clip.dtype), timesteps.to(clip.device)
+    noisy = noise_scheduler.add_noise(clip, noise, timesteps)
+    with accelerator.autocast():
+        prediction = unet(noisy, timesteps, text_emb, control=control).sample
+    loss = F.mse_loss(prediction.float(), _target(noise_scheduler, clip, noise, timesteps).float())
+    accelerator.backward(loss)  # summed into .grad over this process's micro-batches
+    return loss.item()
+
+
+def _check_finite(value: float, step: int, config: TuningConfig) -> None:
+    if not math.isfinite(value):
+        raise TuningError(
+            f"tuning loss became {value} at step {step} (lr {config.learning_rate:g}, "
+            f"precision {config.mixed_precision}); lower --lr"
+            + (" or use --dtype bf16/fp32" if config.mixed_precision == "fp16" else "")
+        )
 
 
 def _average_gradients(params, loss_sum: float, micro_batches: int, world: int, device) -> float:

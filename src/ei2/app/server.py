@@ -437,7 +437,7 @@ class App:
         argv = ["edit", s.video, "--source-prompt", s.source_prompt]
         for p in s.target_prompt:
             argv += ["--target-prompt", p]
-        explicit = getattr(s, "explicit", frozenset())
+        explicit = s.explicit
         for name in ("model", "recipe", "adapter", "frames", "steps", "inference_steps", "guidance_scale", "seed",
                      "device", "negative_prompt", "p2p", "self_replace", "blend_threshold", "inject_features",
                      "inject_attention", "inject_block", "strength", "guidance_rescale", "guidance_rescale_std"):

@@ -3,8 +3,8 @@ EI² video editing (DESIGN §1.8, §1.9, seed B.2).
 
     controller = build_controller(P2PConfig("replace", blend_words=("man", "panda")), tokenizer,
                                   "a man is skiing", ["a panda is skiing"], num_steps=50)
-    latents = controlled_sample(unet, scheduler, x_T.expand(2, -1, -1, -1, -1), text_emb_2, 50,
-                                guidance_scale=7.5, uncond_emb=uncond, controller=controller)
+    latents = controlled_sample(unet, scheduler, x_T.expand(2, -1, -1, -1, -1), text_emb_2,
+                                Sampling(50, guidance_scale=7.5), uncond, controller=controller)
 """
 from .controllers import (
     AttentionEdit, AttentionRefine, AttentionReplace, AttentionReweight, AttentionStore, LayerPlace, LocalBlend,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..defaults import (GUIDANCE_SCALE, INFERENCE_STEPS, NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS,
-                        NULL_TEXT_LEARNING_RATE)
+from ..defaults import NULL_TEXT_EARLY_STOP_EPSILON, NULL_TEXT_INNER_STEPS, NULL_TEXT_LEARNING_RATE
 from ..inversion import (InversionCache, alpha, ddim_inversion_trajectory, ddim_move, model_output, prediction_type,
                          timesteps)
+from ..sampling import Sampling
 from ..structure.controlnet import guided_inputs
 
 
@@ -47,28 +47,29 @@ def null_text_inversion(
     latents: torch.Tensor,
     text_emb: torch.Tensor,
     uncond_emb: torch.Tensor,
-    num_inference_steps: int = INFERENCE_STEPS,
-    guidance_scale: float = GUIDANCE_SCALE,
+    sampling: Sampling,
+    *,
     num_inner_steps: int = NULL_TEXT_INNER_STEPS,
     learning_rate: float = NULL_TEXT_LEARNING_RATE,
     early_stop_epsilon: float = NULL_TEXT_EARLY_STOP_EPSILON,
     progress: Callable | None = default_progress,
-    start: int = 0,
     trajectory: torch.Tensor | None = None,
     model_inputs: dict | None = None,
 ) -> NullTextInversion:
-    """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D).
+    """Null-text inversion of clean latents `(b, c, f, h, w)` under `text_emb` (1 or b, L, D), for sampling as
+    `sampling` says (its grid, guidance scale and strength).
 
-    `uncond_emb` (1, L, D): the empty prompt's embedding, the starting point. Sample the result with
-    `controlled_sample(..., guidance_scale=<the same>, uncond_emb=result.uncond_embeddings)`.
-    `start`: the grid index sampling will begin at (`ei2.inversion.start_step` of an edit strength): only the
-    steps from there are optimised, and `result.latents` is the inversion's latent at that level.
+    `uncond_emb` (1, L, D): the negative (or empty) prompt's embedding, the starting point. Sample the result with
+    `controlled_sample(..., sampling, uncond_emb=result.uncond_embeddings)`.
+    Only the steps from `sampling.start` (an edit strength) are optimised, and `result.latents` is the
+    inversion's latent at that level.
     `trajectory`: the DDIM inversion trajectory of `latents` if already known (`ddim_inversion_trajectory`).
     `progress(total=n)`: a progress-bar factory (None: no bar); its bar counts inner iterations.
     `model_inputs`: the UNet's other inputs (`ei2.inversion.model_output`), e.g. a structure condition.
     """
     if num_inner_steps < 1:
         raise ValueError(f"num_inner_steps must be at least 1, got {num_inner_steps}")
+    num_inference_steps, start, guidance_scale = sampling.num_inference_steps, sampling.start, sampling.guidance_scale
     kind = prediction_type(scheduler)
     if trajectory is None:
         trajectory = ddim_inversion_trajectory(unet, scheduler, latents, text_emb, num_inference_steps,

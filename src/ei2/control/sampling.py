@@ -14,45 +14,29 @@ from typing import Callable
 
 import torch
 
-from ..defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, GUIDANCE_SCALE, INFERENCE_STEPS
 from ..inversion import ddim_sample
+from ..sampling import Sampling
 from .controllers import AttentionStore
 from .injection import FeatureInjection
 from .processors import attention_control
 
 
 @torch.no_grad()
-def controlled_sample(
-    unet,
-    scheduler,
-    latents: torch.Tensor,
-    text_emb: torch.Tensor,
-    num_inference_steps: int = INFERENCE_STEPS,
-    guidance_scale: float = GUIDANCE_SCALE,
-    uncond_emb: torch.Tensor | None = None,
-    controller: AttentionStore | None = None,
-    progress: Callable | None = None,
-    callback: Callable | None = None,
-    injection: FeatureInjection | None = None,
-    start: int = 0,
-    guidance_rescale: float = GUIDANCE_RESCALE,
-    guidance_rescale_std: str = GUIDANCE_RESCALE_STD,
-    model_inputs: dict | None = None,
-) -> torch.Tensor:
-    """DDIM sampling (eta = 0) of `latents` (p, c, f, h, w) under `text_emb` (p, L, D), source first.
+def controlled_sample(unet, scheduler, latents: torch.Tensor, text_emb: torch.Tensor, sampling: Sampling,
+                      uncond_emb: torch.Tensor | None = None, *, controller: AttentionStore | None = None,
+                      injection: FeatureInjection | None = None, progress: Callable | None = None,
+                      callback: Callable | None = None, model_inputs: dict | None = None) -> torch.Tensor:
+    """DDIM sampling (eta = 0) of `latents` (p, c, f, h, w) under `text_emb` (p, L, D), source first, as
+    `sampling` says (`ei2.inversion.ddim_sample`; the controller and the injection count the steps that run).
 
     `uncond_emb`: (1, L, D), or (steps, 1, L, D) from null-text inversion. `controller`: an
     `AttentionStore` or an edit controller; `injection`: a `FeatureInjection`. Each is reset, installed
     for the loop and removed after. `callback(i, t, latents) -> latents | None` runs after their step callbacks.
-    `start`, `guidance_rescale`, `guidance_rescale_std`: as in `ei2.inversion.ddim_sample` (the controller and the
-    injection count the steps that run). `model_inputs`: the UNet's other inputs (a structure condition), every
-    branch under them.
+    `model_inputs`: the UNet's other inputs (a structure condition), every branch under them.
     """
-    options = dict(start=start, guidance_rescale=guidance_rescale, rescale_std=guidance_rescale_std,
-                   model_inputs=model_inputs)
+    options = dict(progress=progress, model_inputs=model_inputs)
     if controller is None and injection is None:
-        return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
-                           progress, callback, **options)
+        return ddim_sample(unet, scheduler, latents, text_emb, sampling, uncond_emb, callback=callback, **options)
     for name, control in (("controller", controller), ("injection", injection)):
         prompts = getattr(control, "num_prompts", latents.shape[0])
         if prompts != latents.shape[0]:
@@ -78,5 +62,5 @@ def controlled_sample(
         if control is not None:
             control.reset()
     with attention_control(unet, controller, injection):
-        return ddim_sample(unet, scheduler, latents, text_emb, num_inference_steps, guidance_scale, uncond_emb,
-                           progress, step_callback, **options)
+        return ddim_sample(unet, scheduler, latents, text_emb, sampling, uncond_emb, callback=step_callback,
+                           **options)
