@@ -10,10 +10,10 @@ from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from ei2.errors import EI2Error
-from ei2.inversion import (InversionCache, alpha, ddim_invert, ddim_move, ddim_sample, rescale_guidance, start_step,
+from ei2.inversion import (InversionCache, alpha, ddim_invert, ddim_move, ddim_sample, rescale_guidance,
                            timesteps)
 from ei2.pipeline import EI2Pipeline
-from ei2.sampling import Sampling
+from ei2.sampling import Sampling, start_step
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
 
@@ -103,6 +103,40 @@ def test_start_step_follows_img2img():
     for bad in (0, -0.1, 1.5, True):
         with pytest.raises(ValueError):
             start_step(25, bad)
+
+
+def test_the_sampling_config_checks_every_value_once_and_names_the_setting():
+    from ei2 import config as cfg, runs
+    from ei2.sampling import SettingError
+
+    for n in (1, 7, 50):
+        for strength in (1.0, 0.6, 0.5, 1 / n):
+            ran = sum(1 for i in range(n) if i >= n - min(int(n * strength), n))  # the grid indices that run
+            if not ran:
+                continue  # refused below
+            sampling = Sampling(n, strength)
+            assert (sampling.start, sampling.steps_run) == (n - ran, ran)
+    bad = [({"num_inference_steps": 0}, "inference_steps"), ({"num_inference_steps": 1001}, "inference_steps"),
+           ({"num_inference_steps": 2.5}, "inference_steps"), ({"strength": 0}, "strength"),
+           ({"strength": 1.5}, "strength"), ({"num_inference_steps": 3, "strength": 0.2}, "strength"),
+           ({"guidance_scale": -1}, "guidance_scale"), ({"guidance_scale": float("nan")}, "guidance_scale"),
+           ({"guidance_scale": 101}, "guidance_scale"), ({"guidance_rescale": 1.5}, "guidance_rescale"),
+           ({"guidance_rescale_std": "pixel"}, "guidance_rescale_std")]
+    for values, setting in bad:
+        with pytest.raises(SettingError) as caught:
+            Sampling(**values)
+        assert caught.value.setting == setting and str(caught.value).startswith(setting + " ")
+        # the job layer says it in the CLI's words: the flag of that setting
+        s = cfg.Settings(inference_steps=values.get("num_inference_steps", 50), strength=values.get("strength", 1.0),
+                         guidance_scale=values.get("guidance_scale", 7.5),
+                         guidance_rescale=values.get("guidance_rescale", 0.0),
+                         guidance_rescale_std=values.get("guidance_rescale_std", "video"))
+        with pytest.raises(EI2Error, match="^" + cfg.flag(setting) + " "):
+            runs.sampling(s)
+    with pytest.raises(TypeError, match="unexpected sampling option"):
+        from ei2.sampling import as_sampling
+
+        as_sampling(guidance=7.5)
 
 
 def naive_trajectory(model, sched, x, n, text=None):

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from . import defaults
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, INFERENCE_STEPS
 from .files import atomic_path, file_system_problem, save_tensors
-from .sampling import Sampling, start_step  # noqa: F401 - start_step: the grid rule, re-exported
+from .sampling import Sampling
 from .structure.controlnet import guided_inputs
 
 
@@ -278,7 +278,7 @@ def ddim_inversion_trajectory(unet, scheduler, latents: torch.Tensor, text_emb: 
     """[x_0, x_1, ..., x_T] stacked, (steps + 1, b, c, f, h, w): every latent of `ddim_invert` (x_T last).
 
     Sampling at strength S starts from `trajectory[int(steps * S)]`, the latent at the level of
-    `timesteps(...)[start_step(steps, S)]`."""
+    `timesteps(...)[ei2.sampling.start_step(steps, S)]`."""
     out = [latents]
     ddim_invert(unet, scheduler, latents, text_emb, num_inference_steps, progress=progress,
                 callback=lambda i, t, x: out.append(x), noise_regularization=noise_regularization,

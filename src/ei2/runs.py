@@ -466,17 +466,11 @@ def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, recor
         record["tuning"] = {**saved["tuning"], "reloaded": True}
         timings.update(saved["timings"])
         return
-    checkpoints = staging.path / "checkpoints"
     if report is not None:
         report("tuning", 0, s.steps)
     with across_processes():  # under `accelerate launch`, the processes share the steps (`ei2.tuning`)
-        result = pipe.tune(
-            latents=latents, source_prompt=s.source_prompt, steps=s.steps, learning_rate=s.lr, seed=s.seed,
-            gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoints,
-            checkpoint_every=s.checkpoint_every, resume=s.resume and staging.resumable() == "checkpoint",
-            callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
-            control=control if s.control_tuning else None,
-        )
+        result = tune_on(s, pipe, latents, control, staging.path / "checkpoints",
+                         s.resume and staging.resumable() == "checkpoint", report)
     timings["tune_s"] = round(result.seconds, 3)
     timings["tune_step_s"] = None if result.seconds_per_step is None else round(result.seconds_per_step, 4)
     record["tuning"] = {
@@ -488,6 +482,21 @@ def _tune(s: cfg.Settings, pipe, latents, staging: Staging, timings: dict, recor
     }
     _save_tuned(s, pipe, staging, tuned_on, record["tuning"],
                 {"tune_s": timings["tune_s"], "tune_step_s": timings["tune_step_s"]})
+
+
+def tune_on(s: cfg.Settings, pipe, latents, control=None, checkpoint_dir: Path | None = None, resume: bool = False,
+            report: Progress | None = None):
+    """The job layer's tuning stage: `pipe` tuned on the clean source `latents` as the settings say (steps, lr,
+    seed, gradient checkpointing, under the structure condition unless --no-control-tuning), with checkpoints in
+    `checkpoint_dir` every --checkpoint-every steps; -> `ei2.tuning.TuningResult`. `ei2 tune`, `ei2 edit`, the app
+    and the benchmark all tune through it."""
+    return pipe.tune(
+        latents=latents, source_prompt=s.source_prompt, steps=s.steps, learning_rate=s.lr, seed=s.seed,
+        gradient_checkpointing=s.gradient_checkpointing, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=s.checkpoint_every if checkpoint_dir is not None else 0, resume=resume,
+        callback=None if report is None else (lambda step, loss: report("tuning", step, s.steps)),
+        control=control if s.control_tuning else None,
+    )
 
 
 def _save_tuned(s: cfg.Settings, pipe, staging: Staging, tuned_on: dict, tuning: dict | None, times: dict) -> None:

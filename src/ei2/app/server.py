@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import inspect
 import json
 import math
 import os
@@ -258,7 +259,6 @@ class _Progress:
                 f"<div class='ei2-meter'><div style='width: {100 * fraction:.1f}%'></div></div></div></div>")
 
     def html(self, header: str = "") -> str:
-        now = self.clock()
         with self.lock:
             stages, messages, times = dict(self.stages), list(self.messages), dict(self.times)
         lines = []
@@ -480,18 +480,16 @@ class App:
         """The queued job: a generator that yields (status, stage, grid, edits, downloads) as the edit advances:
         while it runs, the stage card (what runs now, its bar and time) stands in the grid's place.
 
-        The form's values in the order of `blocks()`'s `form` (as `settings` takes them, then "reuse tuning", then
-        the structure condition and its scale).
+        The form's values, one argument each: this signature is the form's one list (`FORM`), which `blocks()`
+        wires its components to by name; they reach `settings` by name too.
         `page_progress`: gradio's progress of this event (gradio fills it in; API clients see it, the page hides
         its overlay, which each yield cleared); the job's stage and step are
         shown on it, the detailed per-stage bars in the status box.
         Closing the page closes this generator (gradio), which cancels the job at its next step."""
+        form = {name: value for name, value in locals().items() if name in FORM}  # the form, by name
         nothing = (gr.update(value="", visible=False), gr.update(value=None, visible=True), None, None)
         try:
-            s = self.settings(choice, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed,
-                              frames, negative_prompt, p2p, cross_replace, self_replace, reweight, blend_words,
-                              blend_threshold, inject_features, inject_attention, inject_block, strength,
-                              guidance_rescale, control, control_scale)
+            s = self.settings(**{name: value for name, value in form.items() if name != "reuse"})
         except (EI2Error, ValueError) as e:
             yield (self._error(e), *nothing)
             return
@@ -681,155 +679,188 @@ class App:
         return gr.update(visible=bool(note) and mode not in (None, "", P2P_OFF))
 
     def blocks(self) -> gr.Blocks:
-        from ..models import RECIPES
-
-        d = self.defaults
-        first = next(iter(self.samples), None)
-        from ..demo import SAMPLE
-
-        start = SAMPLE if SAMPLE in self.samples else first
-        choices = [("upload a video", UPLOAD)] + [(name.replace("_", " "), name) for name in self.samples]
-        p2p_note = cfg.model_notes(self.model_dir).get("p2p")
+        """The page: the form (its parts below, each giving its components by name) beside the results."""
         with gr.Blocks(title="ei2: edit a video from text", analytics_enabled=False) as demo:
             gr.Markdown("## ei2: edit a video from text\nTune on the video, invert it with DDIM, sample it again "
                         "under each target prompt (EI², NeurIPS 2023). Jobs run one at a time.")
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, elem_id="ei2-form"):
-                    source = gr.Dropdown(choices, value=start or UPLOAD, label="Source video",
-                                         info="a bundled sample, or your own video (upload it below)",
-                                         elem_id="ei2-source")
-                    upload = gr.File(label=f"Upload a video (up to {self.max_upload_bytes / 2**20:.0f} MB)",
-                                     file_types=list(VIDEO_TYPES), type="filepath", elem_id="ei2-upload")
-                    preview = gr.Video(value=self.samples[start]["video"] if start else None, label="Source",
-                                       interactive=False, autoplay=True, loop=True, height=200, elem_id="ei2-preview")
-                    source_prompt = gr.Textbox(self.samples[start]["caption"] if start else "",
-                                               label=FIELDS["--source-prompt"],
-                                               info="what the video shows now; tuning teaches it to the model",
-                                               elem_id="ei2-source-prompt")
-                    targets = gr.Textbox(self.samples[start]["target"] if start else "", lines=3,
-                                         label=f"{FIELDS['--target-prompt']} (one per line, up to {self.max_prompts})",
-                                         info="what the video should show instead: one edit per line",
-                                         elem_id="ei2-targets")
-                    with gr.Accordion("Settings", open=True):
-                        with gr.Row():
-                            recipe = gr.Dropdown(list(RECIPES), value="ei2", label=FIELDS["--recipe"],
-                                                 info="ei2: the paper's method; tune-a-video: the baseline",
-                                                 elem_id="ei2-recipe")
-                            frames = gr.Slider(1, self.max_frames, value=min(d.frames, self.max_frames), step=1,
-                                               label=FIELDS["--frames"], info="frames to edit",
-                                               elem_id="ei2-frames")
-                        with gr.Row():  # no minimum/maximum: out-of-range values get the one-line error
-                            steps = gr.Number(min(d.steps, self.max_steps), precision=0,
-                                              label=f"{FIELDS['--steps']} (up to {self.max_steps})",
-                                              info="one-shot tuning on this video", elem_id="ei2-steps")
-                            inference_steps = gr.Number(min(d.inference_steps, self.max_inference_steps), precision=0,
-                                                        label=f"{FIELDS['--inference-steps']} "
-                                                              f"(up to {self.max_inference_steps})",
-                                                        info="DDIM steps of the inversion and of each edit",
-                                                        elem_id="ei2-inference-steps")
-                        with gr.Row():
-                            guidance = gr.Number(d.guidance_scale, label=FIELDS["--guidance-scale"],
-                                                 info="how closely an edit follows its prompt (1: no guidance)",
-                                                 elem_id="ei2-guidance")
-                            seed = gr.Number(d.seed, precision=0, label=FIELDS["--seed"],
-                                             info="the same seed and settings give the same edit", elem_id="ei2-seed")
-                        with gr.Row():
-                            strength = gr.Slider(0.04, 1, value=d.strength, step=0.02, label=FIELDS["--strength"],
-                                                 info="fraction of the steps sampled again: less keeps more of the "
-                                                      "source", elem_id="ei2-strength")
-                            guidance_rescale = gr.Slider(0, 1, value=d.guidance_rescale, step=0.05,
-                                                         label=FIELDS["--guidance-rescale"],
-                                                         info="tames over-saturated colours of high guidance (0: off)",
-                                                         elem_id="ei2-guidance-rescale")
-                        negative = gr.Textbox(d.negative_prompt or "", label=FIELDS["--negative-prompt"],
-                                              info="what the edits should not show", elem_id="ei2-negative")
-                        reuse = gr.Checkbox(True, label="Reuse tuning",
-                                            info="skip tuning when this video was tuned with these settings before",
-                                            elem_id="ei2-reuse")
-                    with gr.Accordion("Prompt-to-Prompt", open=False):
-                        p2p = gr.Dropdown([P2P_OFF, "replace", "refine", "reweight"], value=P2P_OFF,
-                                          label=FIELDS["--p2p"],
-                                          info="edit through the source's attention: replace swaps words, "
-                                               "refine adds words, reweight scales one", elem_id="ei2-p2p")
-                        note = gr.HTML(f"<div class='ei2-note'>⚠ {html.escape(p2p_note or '')}</div>",
-                                       visible=False, elem_id="ei2-p2p-note")
-                        with gr.Row():
-                            cross = gr.Textbox("", label=FIELDS["--cross-replace"],
-                                               info="fraction of steps that keep the source's word attention, "
-                                                    "or WORD=FRACTION", elem_id="ei2-cross-replace")
-                            self_replace = gr.Textbox("", label=FIELDS["--self-replace"],
-                                                      info="fraction of steps that keep the source's frame "
-                                                           "attention", elem_id="ei2-self-replace")
-                        with gr.Row():
-                            reweight = gr.Textbox("", label=FIELDS["--reweight"],
-                                                  info="WORD=FACTOR: a word's weight, with reweight",
-                                                  elem_id="ei2-reweight")
-                            blend = gr.Textbox("", label=FIELDS["--blend-words"],
-                                               info="edit only where these words attend (local blend)",
-                                               elem_id="ei2-blend-words")
-                            threshold = gr.Textbox("", label=FIELDS["--blend-threshold"],
-                                                   info="attention level (0-1) that counts as the word's area",
-                                                   elem_id="ei2-blend-threshold")
-                    with gr.Accordion("Structure (feature injection, Plug-and-Play; off with Prompt-to-Prompt "
-                                      "unless set)", open=False):
-                        with gr.Row():
-                            inject_features = gr.Slider(0, 1, value=d.inject_features, step=0.05,
-                                                        label=FIELDS["--inject-features"],
-                                                        info="fraction of steps that take the source's decoder "
-                                                             "features", elem_id="ei2-inject-features")
-                            inject_attention = gr.Slider(0, 1, value=d.inject_attention, step=0.05,
-                                                         label=FIELDS["--inject-attention"],
-                                                         info="fraction of steps that take the source's "
-                                                              "self-attention", elem_id="ei2-inject-attention")
-                            inject_block = gr.Number(d.inject_block, precision=0, label=FIELDS["--inject-block"],
-                                                     info="the decoder block whose features are injected",
-                                                     elem_id="ei2-inject-block")
-                    bundled = sorted(cfg.bundled_controlnets(self.model_dir))
-                    with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
-                                      "edits)", open=bool(bundled)):
-                        with gr.Row():
-                            control = gr.Dropdown([CONTROL_OFF, *bundled],
-                                                  value=d.control[0] if cfg.controlled(d) else CONTROL_OFF,
-                                                  label=FIELDS["--control"],
-                                                  info="a map of each source frame (its maps are shown in the "
-                                                       "grid) that holds the layout",
-                                                  elem_id="ei2-control", interactive=bool(bundled))
-                            control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label=FIELDS["--control-scale"],
-                                                      info="how strongly the map holds the layout (0: not at all)",
-                                                      elem_id="ei2-control-scale")
+                    c = {**self._source_part(), **self._settings_part(), **self._p2p_part(), **self._injection_part(),
+                         **self._condition_part()}
                     run = gr.Button("Edit", variant="primary", elem_id="ei2-run")
                 # the results stay in view beside the long form (CSS: sticky): the status, then the grid
                 with gr.Column(scale=2, elem_id="ei2-results"):
-                    status = gr.HTML("<div class='ei2-now'>ready: pick a video, type the target prompts, press "
-                                     "Edit</div>", elem_id="ei2-status")
-                    gr.Markdown("**Source and edits, side by side**")
-                    # no download button over the grid (it hid the last caption): grid.mp4 is in the downloads
-                    stage = gr.HTML("", visible=False, elem_id="ei2-stage")
-                    grid = gr.Video(label="Source and edits, side by side", show_label=False, interactive=False,
-                                    autoplay=True, loop=True, buttons=[], elem_id="ei2-grid")
-                    edits = gr.Gallery(label="Edits", columns=2, fit_columns=False, height="auto",
-                                       object_fit="contain", elem_id="ei2-edits")
-                    downloads = gr.File(label="Downloads: mp4, gif, adapter, run.json", file_count="multiple",
-                                        interactive=False, elem_id="ei2-downloads")
+                    out = self._results_part()
             mode = gr.State(None)  # the P2P mode the injection sliders show the defaults of
-            source.change(self.on_source, source, [source_prompt, targets, preview, frames, upload], queue=False)
-            upload.upload(self.on_upload, upload, [source, preview], queue=False)
-            for changed in (p2p, control):
-                changed.change(self.on_p2p, [p2p, inject_features, inject_attention, strength, mode, control],
-                               [inject_features, inject_attention, strength, mode], queue=False)
-            p2p.change(self.on_p2p_note, p2p, note, queue=False)
-            form = [source, upload, source_prompt, targets, recipe, steps, inference_steps, guidance, seed, frames,
-                    negative, p2p, cross, self_replace, reweight, blend, threshold, inject_features,
-                    inject_attention, inject_block, strength, guidance_rescale, reuse, control, control_scale]
+            c["choice"].change(self.on_source, c["choice"],
+                               [c["source_prompt"], c["targets"], c["preview"], c["frames"], c["upload"]], queue=False)
+            c["upload"].upload(self.on_upload, c["upload"], [c["choice"], c["preview"]], queue=False)
+            shown = [c["inject_features"], c["inject_attention"], c["strength"]]
+            for changed in (c["p2p"], c["control"]):
+                changed.change(self.on_p2p, [c["p2p"], *shown, mode, c["control"]], [*shown, mode], queue=False)
+            c["p2p"].change(self.on_p2p_note, c["p2p"], c["note"], queue=False)
+            form = [c[name] for name in FORM]  # in the order `run` takes them (a name missing: KeyError)
             # the status box into view at once (where the columns stack, on a narrow window)
             run.click(None, None, None, js="() => { document.getElementById('ei2-status')"
                                            "?.scrollIntoView({block: 'nearest'}); }", queue=False)
             # while a job runs, the stage card stands in the grid's place; gradio's own overlay is hidden (each
             # yield of the job cleared it, so it flickered)
-            run.click(self.run, form, [status, stage, grid, edits, downloads], concurrency_limit=1,
-                      concurrency_id="ei2-jobs", api_name="edit", show_progress="hidden")
+            run.click(self.run, form, [out[k] for k in ("status", "stage", "grid", "edits", "downloads")],
+                      concurrency_limit=1, concurrency_id="ei2-jobs", api_name="edit", show_progress="hidden")
         demo.queue(default_concurrency_limit=1, max_size=32)
         return demo
+
+    def _source_part(self) -> dict:
+        """The source video (a bundled sample or an upload), its preview and the prompts."""
+        from ..demo import SAMPLE
+
+        first = next(iter(self.samples), None)
+        start = SAMPLE if SAMPLE in self.samples else first
+        choices = [("upload a video", UPLOAD)] + [(name.replace("_", " "), name) for name in self.samples]
+        source = gr.Dropdown(choices, value=start or UPLOAD, label="Source video",
+                             info="a bundled sample, or your own video (upload it below)",
+                             elem_id="ei2-source")
+        upload = gr.File(label=f"Upload a video (up to {self.max_upload_bytes / 2**20:.0f} MB)",
+                         file_types=list(VIDEO_TYPES), type="filepath", elem_id="ei2-upload")
+        preview = gr.Video(value=self.samples[start]["video"] if start else None, label="Source",
+                           interactive=False, autoplay=True, loop=True, height=200, elem_id="ei2-preview")
+        source_prompt = gr.Textbox(self.samples[start]["caption"] if start else "",
+                                   label=FIELDS["--source-prompt"],
+                                   info="what the video shows now; tuning teaches it to the model",
+                                   elem_id="ei2-source-prompt")
+        targets = gr.Textbox(self.samples[start]["target"] if start else "", lines=3,
+                             label=f"{FIELDS['--target-prompt']} (one per line, up to {self.max_prompts})",
+                             info="what the video should show instead: one edit per line",
+                             elem_id="ei2-targets")
+        return dict(choice=source, upload=upload, preview=preview, source_prompt=source_prompt, targets=targets)
+
+    def _settings_part(self) -> dict:
+        """Tuning and sampling: recipe, frames, steps, guidance, seed, strength, rescale, negative prompt, reuse."""
+        from ..models import RECIPES
+
+        d = self.defaults
+        with gr.Accordion("Settings", open=True):
+            with gr.Row():
+                recipe = gr.Dropdown(list(RECIPES), value="ei2", label=FIELDS["--recipe"],
+                                     info="ei2: the paper's method; tune-a-video: the baseline",
+                                     elem_id="ei2-recipe")
+                frames = gr.Slider(1, self.max_frames, value=min(d.frames, self.max_frames), step=1,
+                                   label=FIELDS["--frames"], info="frames to edit",
+                                   elem_id="ei2-frames")
+            with gr.Row():  # no minimum/maximum: out-of-range values get the one-line error
+                steps = gr.Number(min(d.steps, self.max_steps), precision=0,
+                                  label=f"{FIELDS['--steps']} (up to {self.max_steps})",
+                                  info="one-shot tuning on this video", elem_id="ei2-steps")
+                inference_steps = gr.Number(min(d.inference_steps, self.max_inference_steps), precision=0,
+                                            label=f"{FIELDS['--inference-steps']} "
+                                                  f"(up to {self.max_inference_steps})",
+                                            info="DDIM steps of the inversion and of each edit",
+                                            elem_id="ei2-inference-steps")
+            with gr.Row():
+                guidance = gr.Number(d.guidance_scale, label=FIELDS["--guidance-scale"],
+                                     info="how closely an edit follows its prompt (1: no guidance)",
+                                     elem_id="ei2-guidance")
+                seed = gr.Number(d.seed, precision=0, label=FIELDS["--seed"],
+                                 info="the same seed and settings give the same edit", elem_id="ei2-seed")
+            with gr.Row():
+                strength = gr.Slider(0.04, 1, value=d.strength, step=0.02, label=FIELDS["--strength"],
+                                     info="fraction of the steps sampled again: less keeps more of the "
+                                          "source", elem_id="ei2-strength")
+                guidance_rescale = gr.Slider(0, 1, value=d.guidance_rescale, step=0.05,
+                                             label=FIELDS["--guidance-rescale"],
+                                             info="tames over-saturated colours of high guidance (0: off)",
+                                             elem_id="ei2-guidance-rescale")
+            negative = gr.Textbox(d.negative_prompt or "", label=FIELDS["--negative-prompt"],
+                                  info="what the edits should not show", elem_id="ei2-negative")
+            reuse = gr.Checkbox(True, label="Reuse tuning",
+                                info="skip tuning when this video was tuned with these settings before",
+                                elem_id="ei2-reuse")
+        return dict(recipe=recipe, frames=frames, steps=steps, inference_steps=inference_steps, guidance=guidance,
+                    seed=seed, strength=strength, guidance_rescale=guidance_rescale, negative_prompt=negative,
+                    reuse=reuse)
+
+    def _p2p_part(self) -> dict:
+        """Prompt-to-Prompt: the mode, its note and its options."""
+        p2p_note = cfg.model_notes(self.model_dir).get("p2p")
+        with gr.Accordion("Prompt-to-Prompt", open=False):
+            p2p = gr.Dropdown([P2P_OFF, "replace", "refine", "reweight"], value=P2P_OFF,
+                              label=FIELDS["--p2p"],
+                              info="edit through the source's attention: replace swaps words, "
+                                   "refine adds words, reweight scales one", elem_id="ei2-p2p")
+            note = gr.HTML(f"<div class='ei2-note'>⚠ {html.escape(p2p_note or '')}</div>",
+                           visible=False, elem_id="ei2-p2p-note")
+            with gr.Row():
+                cross = gr.Textbox("", label=FIELDS["--cross-replace"],
+                                   info="fraction of steps that keep the source's word attention, "
+                                        "or WORD=FRACTION", elem_id="ei2-cross-replace")
+                self_replace = gr.Textbox("", label=FIELDS["--self-replace"],
+                                          info="fraction of steps that keep the source's frame "
+                                               "attention", elem_id="ei2-self-replace")
+            with gr.Row():
+                reweight = gr.Textbox("", label=FIELDS["--reweight"],
+                                      info="WORD=FACTOR: a word's weight, with reweight",
+                                      elem_id="ei2-reweight")
+                blend = gr.Textbox("", label=FIELDS["--blend-words"],
+                                   info="edit only where these words attend (local blend)",
+                                   elem_id="ei2-blend-words")
+                threshold = gr.Textbox("", label=FIELDS["--blend-threshold"],
+                                       info="attention level (0-1) that counts as the word's area",
+                                       elem_id="ei2-blend-threshold")
+        return dict(p2p=p2p, note=note, cross_replace=cross, self_replace=self_replace, reweight=reweight,
+                    blend_words=blend, blend_threshold=threshold)
+
+    def _injection_part(self) -> dict:
+        """Feature injection (Plug-and-Play)."""
+        d = self.defaults
+        with gr.Accordion("Structure (feature injection, Plug-and-Play; off with Prompt-to-Prompt "
+                          "unless set)", open=False):
+            with gr.Row():
+                inject_features = gr.Slider(0, 1, value=d.inject_features, step=0.05,
+                                            label=FIELDS["--inject-features"],
+                                            info="fraction of steps that take the source's decoder "
+                                                 "features", elem_id="ei2-inject-features")
+                inject_attention = gr.Slider(0, 1, value=d.inject_attention, step=0.05,
+                                             label=FIELDS["--inject-attention"],
+                                             info="fraction of steps that take the source's "
+                                                  "self-attention", elem_id="ei2-inject-attention")
+                inject_block = gr.Number(d.inject_block, precision=0, label=FIELDS["--inject-block"],
+                                         info="the decoder block whose features are injected",
+                                         elem_id="ei2-inject-block")
+        return dict(inject_features=inject_features, inject_attention=inject_attention, inject_block=inject_block)
+
+    def _condition_part(self) -> dict:
+        """The structure condition (a bundled ControlNet's kind) and its scale."""
+        d = self.defaults
+        bundled = sorted(cfg.bundled_controlnets(self.model_dir))
+        with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
+                          "edits)", open=bool(bundled)):
+            with gr.Row():
+                control = gr.Dropdown([CONTROL_OFF, *bundled],
+                                      value=d.control[0] if cfg.controlled(d) else CONTROL_OFF,
+                                      label=FIELDS["--control"],
+                                      info="a map of each source frame (its maps are shown in the "
+                                           "grid) that holds the layout",
+                                      elem_id="ei2-control", interactive=bool(bundled))
+                control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label=FIELDS["--control-scale"],
+                                          info="how strongly the map holds the layout (0: not at all)",
+                                          elem_id="ei2-control-scale")
+        return dict(control=control, control_scale=control_scale)
+
+    @staticmethod
+    def _results_part() -> dict:
+        """Status, the stage card, the grid, the edits and the downloads."""
+        status = gr.HTML("<div class='ei2-now'>ready: pick a video, type the target prompts, press "
+                         "Edit</div>", elem_id="ei2-status")
+        gr.Markdown("**Source and edits, side by side**")
+        # no download button over the grid (it hid the last caption): grid.mp4 is in the downloads
+        stage = gr.HTML("", visible=False, elem_id="ei2-stage")
+        grid = gr.Video(label="Source and edits, side by side", show_label=False, interactive=False,
+                        autoplay=True, loop=True, buttons=[], elem_id="ei2-grid")
+        edits = gr.Gallery(label="Edits", columns=2, fit_columns=False, height="auto",
+                           object_fit="contain", elem_id="ei2-edits")
+        downloads = gr.File(label="Downloads: mp4, gif, adapter, run.json", file_count="multiple",
+                            interactive=False, elem_id="ei2-downloads")
+        return dict(status=status, stage=stage, grid=grid, edits=edits, downloads=downloads)
 
 
 def launch(demo: gr.Blocks, out: Path, host: str, port: int, max_upload_mb: float, block: bool = True):
@@ -841,3 +872,7 @@ def launch(demo: gr.Blocks, out: Path, host: str, port: int, max_upload_mb: floa
                 show_error=True, quiet=True, ssr_mode=False, inbrowser=False, share=False,
                 prevent_thread_lock=not block, theme=gr.themes.Soft(), css=CSS, footer_links=[])
     return demo
+
+
+# The form of the page: `App.run`'s arguments, in order (gradio passes the components' values positionally).
+FORM = tuple(name for name in inspect.signature(App.run).parameters if name not in ("self", "page_progress"))

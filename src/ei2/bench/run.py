@@ -131,9 +131,7 @@ class Runner:
         losses = []
         if s["steps"]:
             t = time.perf_counter()
-            result = pipe.tune(latents=latents, source_prompt=job.video.source_prompt, steps=s["steps"],
-                               learning_rate=s["lr"], seed=job.seed, gradient_checkpointing=s["gradient_checkpointing"],
-                               control=control if settings.control_tuning else None)
+            result = runs.tune_on(settings, pipe, latents, control)  # as `ei2 edit` tunes
             losses = result.losses
             timings["tune_s"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -35,7 +35,7 @@ from ..inversion import tensor_hash
 from ..sampling import Sampling, as_sampling
 from .controllers import AttentionStore
 from .injection import FeatureInjection, InjectionConfig
-from .null_text import NullTextCache, NullTextInversion, null_text_inversion, null_text_key
+from .null_text import NullTextInversion, null_text_inversion, null_text_key
 from .options import P2PConfig, build_controller
 from .sampling import controlled_sample
 
