@@ -107,7 +107,7 @@ def test_start_step_follows_img2img():
 
 def test_the_sampling_config_checks_every_value_once_and_names_the_setting():
     from ei2 import config as cfg, runs
-    from ei2.sampling import SettingError
+    from ei2.errors import SettingError
 
     for n in (1, 7, 50):
         for strength in (1.0, 0.6, 0.5, 1 / n):

@@ -27,3 +27,12 @@ class TuningError(EI2Error):
 
 class FileSystemError(EI2Error):
     """A file or folder cannot be written or read: no permission, no space left, a read-only file system."""
+
+
+class SettingError(ConfigError, ValueError):
+    """A setting out of range, said in the library's words: `setting` names it (a `Settings` field), `problem` says
+    what is wrong; a front end says it in its own words (the CLI: `--strength must be ...`, `config.flag`)."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem

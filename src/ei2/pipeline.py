@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from . import defaults
-from .errors import EI2Error, ModelError
+from .errors import EI2Error, ModelError, SettingError
 from .files import save_tensors, staged_folder, write_json
 from .control.null_text import NullTextCache
 from .inversion import (InversionCache, NoiseRegularization, ddim_inversion_trajectory, ddim_sample, inversion_key,
@@ -141,6 +141,13 @@ def fit_prompt_length(tokenizer, text_encoder) -> None:
             "the tokenizer has no model_max_length and the text encoder no max_position_embeddings; add "
             '"model_max_length": 77 (the prompt length of Stable Diffusion) to tokenizer/tokenizer_config.json'
         )
+
+
+def check_frame_size(height: int, width: int) -> None:
+    """Frames go through the VAE and the UNet's down-sampling: each side a positive multiple of 8."""
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
+            raise SettingError(name, f"{v} is not a positive multiple of 8")
 
 
 def check_model_folder(path: Path) -> None:
@@ -382,9 +389,7 @@ class EI2Pipeline(DiffusionPipeline):
         return not (getattr(self, "_progress_bar_config", {}) or {}).get("disable", False)
 
     def check_size(self, height: int, width: int) -> None:
-        for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % 8:
-                raise EI2Error(f"--{name} {v} is not a positive multiple of 8")
+        check_frame_size(height, width)
 
     @staticmethod
     def _check_prompt(prompt, name: str) -> list[str]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config as cfg
-from .errors import ConfigError, EI2Error, FileSystemError
+from .errors import ConfigError, EI2Error, FileSystemError, SettingError
 from .files import FolderBusyError, FolderLock, file_system_problem, replace_folder, write_json
 
 RUN_FILE = "run.json"
@@ -73,17 +73,15 @@ def validate(s: cfg.Settings, command: str) -> None:
         injection_config(s)
         if s.adapter and s.resume:
             raise ConfigError("--resume continues a tuning; with --adapter there is no tuning to resume")
-    for name in ("width", "height"):
-        v = getattr(s, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise ConfigError(f"--{name} {v} is not a positive multiple of 8")
+    from .pipeline import check_frame_size
+    from .windows import Windowing
+
+    with in_flags():
+        check_frame_size(s.height, s.width)
+        Windowing(s.window, anchors=s.anchor_frames)  # window and anchors, checked where windows are made
     if s.frames != "all" and (isinstance(s.frames, bool) or not isinstance(s.frames, int)):
         raise ConfigError(f"--frames must be a number of frames or `all`, got {s.frames!r}")
-    if s.window < 2:
-        raise ConfigError(f"--window must be at least 2 frames (a window of {s.window} has no frames to share), "
-                          f"got {s.window}")
-    for name, low in (("frames", 1), ("stride", 1), ("start", 0), ("steps", 0), ("checkpoint_every", 0),
-                      ("anchor_frames", 0)):
+    for name, low in (("frames", 1), ("stride", 1), ("start", 0), ("steps", 0), ("checkpoint_every", 0)):
         v = getattr(s, name)
         if v == "all":
             continue
@@ -105,11 +103,18 @@ def validate(s: cfg.Settings, command: str) -> None:
 def sampling(s: cfg.Settings):
     """The settings' `ei2.sampling.Sampling` (grid, strength, guidance, negative prompt); a bad value is a
     ConfigError naming its flag."""
-    from .sampling import Sampling, SettingError
+    from .sampling import Sampling
 
-    try:
+    with in_flags():
         return Sampling(s.inference_steps, s.strength, s.guidance_scale, s.guidance_rescale, s.guidance_rescale_std,
                         s.negative_prompt)
+
+
+@contextlib.contextmanager
+def in_flags():
+    """A library `SettingError` raised inside, said in the CLI's words: its setting's flag (`--strength ...`)."""
+    try:
+        yield
     except SettingError as e:
         raise ConfigError(f"{cfg.flag(e.setting)} {e.problem}") from None
 

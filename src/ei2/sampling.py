@@ -16,19 +16,11 @@ import math
 from dataclasses import dataclass
 
 from .defaults import GUIDANCE_RESCALE, GUIDANCE_RESCALE_STD, GUIDANCE_SCALE, INFERENCE_STEPS, STRENGTH
-from .errors import ConfigError
+from .errors import SettingError
 
 MAX_INFERENCE_STEPS = 1000  # the training timesteps of Stable Diffusion
 MAX_GUIDANCE_SCALE = 100.0
 RESCALE_STDS = ("video", "frame")
-
-
-class SettingError(ConfigError, ValueError):
-    """A sampling setting out of range: `setting` names it, `problem` says what is wrong with it."""
-
-    def __init__(self, setting: str, problem: str):
-        super().__init__(f"{setting} {problem}")
-        self.setting, self.problem = setting, problem
 
 
 def start_step(num_steps: int, strength: float = STRENGTH) -> int:

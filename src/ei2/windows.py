@@ -46,7 +46,7 @@ from einops import rearrange
 from . import defaults
 from .control.processors import ControlledCrossAttention, ControlledFrameAttention
 from .distributed import processes
-from .errors import ConfigError
+from .errors import SettingError
 from .models.video_unet import VideoUNetOutput
 
 
@@ -102,13 +102,14 @@ class Windowing:
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
-            raise ConfigError(f"--window must be at least 2 frames, got {self.window!r}")
+            raise SettingError("window", f"must be at least 2 frames (a window of {self.window!r} has no frames to "
+                                         f"share), got {self.window!r}")
         if self.stride is not None and not 1 <= self.stride <= self.window:
-            raise ConfigError(f"window stride must be between 1 and the window ({self.window}), got {self.stride}")
+            raise SettingError("window_stride", f"must be between 1 and the window ({self.window}), got {self.stride}")
         if self.anchors < 0:
-            raise ConfigError(f"--anchor-frames must be 0 or more, got {self.anchors}")
+            raise SettingError("anchor_frames", f"must be 0 or more, got {self.anchors}")
         if self.batch < 1:
-            raise ConfigError(f"windows per UNet call must be at least 1, got {self.batch}")
+            raise SettingError("window_batch", f"must be at least 1 window per UNet call, got {self.batch}")
 
     def applies(self, num_frames: int) -> bool:
         """True when a video of `num_frames` is longer than one window (else it is edited in one piece)."""
