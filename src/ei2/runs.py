@@ -671,10 +671,8 @@ def _edit(s: cfg.Settings, argv, progress: Progress | None, say: Say, root, worl
 def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict, t0: float, staging: Staging,
                  report: "_Reporter", say: Say, p2p, control, made) -> None:
     """Tuning (or the reused adapter), inversion, the edits and the files of an edit run, in the locked folder."""
-    import numpy as np
-
-    from .video import make_grid, write_gif, write_mp4
     from .distributed import broadcast_parameters
+    from .video import write_gif, write_mp4
 
     fps = s.fps or video.fps
     out = staging.path
@@ -732,11 +730,23 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
         report(report.stage, sampling(s).steps_run, sampling(s).steps_run)
     report.stage = None
 
-    t = time.perf_counter()
     report("write", 0, 1)
-    write_mp4(video.frames, out / "source.mp4", fps)
-    write_gif(video.frames, out / "source.gif", fps)
-    grid = make_grid([video.frames, *(m for _, m in made), *edited],
+    _write_edit_run(s, video.frames, made, edited, edits, fps, record, timings, t0, staging)
+    report("write", 1, 1)
+
+
+def _write_edit_run(s: cfg.Settings, frames, made, edited, edits: list[dict], fps: float, record: dict,
+                    timings: dict, t0: float, staging: Staging) -> None:
+    """The source, the side-by-side grid (source, condition maps, edits) and run.json; then the folder is final."""
+    import numpy as np
+
+    from .video import make_grid, write_gif, write_mp4
+
+    t = time.perf_counter()
+    out = staging.path
+    write_mp4(frames, out / "source.mp4", fps)
+    write_gif(frames, out / "source.gif", fps)
+    grid = make_grid([frames, *(m for _, m in made), *edited],
                      ["source: " + s.source_prompt, *(f"control: {label}" for label, _ in made), *s.target_prompt])
     write_mp4(np.ascontiguousarray(grid), out / "grid.mp4", fps)
     write_gif(grid, out / "grid.gif", fps)
@@ -747,7 +757,6 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
                          "adapter": record["adapter"]["path"]}
     write_json(out / RUN_FILE, record)
     staging.commit()
-    report("write", 1, 1)
 
 
 def edit_one(s: cfg.Settings, pipe, latents, prompt: str, p2p, stem: Path, control=None):

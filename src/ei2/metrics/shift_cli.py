@@ -115,14 +115,9 @@ def _check_args(args) -> tuple[list[str], dict[str, list[Path]], list[str], Path
 
 
 def _run(args, argv) -> int:
-    import torch
-    from diffusers import UNet2DConditionModel
-
     from ..errors import ConfigError
-    from ..models.video_unet import VideoUNet
     from ..pipeline import EI2Pipeline
     from ..video import read_video
-    from .shift import analyze_shift, base_query_weights, format_summary, format_table, plot_shift, summarize, to_csv
 
     recipes, adapters, kinds, out = _check_args(args)
     if not Path(args.video).exists():
@@ -136,14 +131,28 @@ def _run(args, argv) -> int:
     height, width = args.height or size, args.width or size
     pipe.check_size(height, width)
     video = read_video(args.video, num_frames=args.frames, size=(height, width))
-    latents = pipe.encode_frames(video.frames)
+    timesteps = list(dict.fromkeys(args.timesteps))
+    records = _analyse(args, pipe, video.frames, recipes, adapters, kinds, timesteps)
+    header = (f"Model `{pipe.model_source}`, {video.num_frames} frames at {height}x{width}, prompt {args.prompt!r}, "
+              f"timesteps {', '.join(map(str, timesteps))}, noise seed {args.seed}.")
+    _write_report(args, argv, out, recipes, records, header)
+    return 0
+
+
+def _analyse(args, pipe, frames, recipes, adapters, kinds, timesteps) -> list[dict]:
+    """The shift records of every recipe, untuned and with each of its adapters."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ..models.video_unet import VideoUNet
+    from .shift import analyze_shift, base_query_weights
+
+    latents = pipe.encode_frames(frames)
     text = pipe.encode_prompt(args.prompt)
     device = pipe.unet.device
     # a pristine 2D UNet: the pipeline's own was inflated in place
     unet2d = UNet2DConditionModel.from_pretrained(pipe.model_source, subfolder="unet", use_safetensors=True)
-
     records = []
-    timesteps = list(dict.fromkeys(args.timesteps))
     for recipe in recipes:
         model = VideoUNet.from_2d(unet2d, recipe).to(device)
         base = base_query_weights(model)
@@ -161,6 +170,12 @@ def _run(args, argv) -> int:
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return records
+
+
+def _write_report(args, argv, out: Path, recipes, records: list[dict], header: str) -> None:
+    """shift.csv, shift.md (with the command that made it) and shift_by_layer.png in `out`; the tables printed."""
+    from .shift import format_summary, format_table, plot_shift, summarize, to_csv
 
     summary = summarize(records)
     command = "ei2 " + " ".join(_quote(str(a)) for a in argv) if argv else ""
@@ -174,8 +189,7 @@ def _run(args, argv) -> int:
     markdown = [
         f"# Covariate shift: {', '.join(recipes)} on {args.video}",
         "",
-        f"Model `{pipe.model_source}`, {video.num_frames} frames at {height}x{width}, prompt {args.prompt!r}, "
-        f"timesteps {', '.join(map(str, timesteps))}, noise seed {args.seed}.",
+        header,
         "",
         "## Summary (mean over layers and timesteps)",
         "",
@@ -198,7 +212,6 @@ def _run(args, argv) -> int:
         print("ei2: matplotlib is not installed, so no plot was drawn; `pip install matplotlib` for "
               "shift_by_layer.png", file=sys.stderr)
     print(f"\nei2: wrote {', '.join(map(str, written))}", file=sys.stderr)
-    return 0
 
 
 def _quote(arg: str) -> str:
