@@ -418,7 +418,7 @@ def test_shapes_colour_swap_with_p2p_and_local_blend_keeps_the_background(tmp_pa
 
     from ei2.cli import main
     from ei2.demo import samples_dir
-    from ei2.pipeline import default_model_path
+    from ei2.loading import default_model_path
     from ei2.shapes.oracle import read_frames
     from ei2.video import read_video
 

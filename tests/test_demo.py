@@ -9,7 +9,7 @@ import pytest
 from ei2.cli import main
 from ei2.demo import SAMPLE, TARGET, samples_dir
 from ei2.metrics.oracle import parse_caption
-from ei2.pipeline import default_model_path
+from ei2.loading import default_model_path
 
 pytestmark = pytest.mark.skipif(not (default_model_path() / "model_index.json").is_file(),
                                 reason="the bundled Shapes model is not in this checkout")

@@ -237,7 +237,7 @@ def test_unknown_prompt_length_is_one_clear_error():
     from types import SimpleNamespace
 
     from ei2.errors import ModelError
-    from ei2.pipeline import fit_prompt_length
+    from ei2.loading import fit_prompt_length
 
     tokenizer = SimpleNamespace(model_max_length=int(1e30))
     with pytest.raises(ModelError, match="model_max_length"):

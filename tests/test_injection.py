@@ -295,7 +295,7 @@ def test_shapes_default_injection_applies_to_plain_edits_not_to_p2p(tmp_path):
     from types import SimpleNamespace
 
     from ei2 import config as cfg
-    from ei2.pipeline import default_model_path
+    from ei2.loading import default_model_path
 
     def settings(**given):
         args = SimpleNamespace(**{f.name: None for f in cfg.fields_for(cfg.EDIT)})

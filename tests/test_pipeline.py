@@ -268,7 +268,7 @@ def test_round_trip_on_the_embedded_shapes_model():
     # Measured (seed 3 video, 8 frames): 20 steps: latent relative L2 0.049, mean |pixel diff| 0.42/255;
     # 50 steps: 0.027 and 0.20/255 (4 frames, 20 steps: 0.41/255). Bound asserted (4 frames, 20 steps):
     # 1.5/255 per pixel on average.
-    from ei2.pipeline import default_model_path
+    from ei2.loading import default_model_path
 
     if not (default_model_path() / "unet").is_dir():
         pytest.skip("the embedded Shapes model is not built yet")

@@ -28,7 +28,7 @@ TARGET = TARGETS[SAMPLE]
 
 
 def samples_dir() -> Path:
-    from .pipeline import default_model_path
+    from .loading import default_model_path
 
     return default_model_path().parent / "samples"
 

@@ -409,7 +409,7 @@ class _Reporter:
 def model_folder(model: str | None) -> Path | None:
     """The local folder of `model` (None: the embedded Shapes model) whose `ei2_defaults.json` applies; None for
     a hub id."""
-    from .pipeline import default_model_path
+    from .loading import default_model_path
 
     folder = default_model_path() if model is None else Path(model)
     return folder if folder.is_dir() else None

@@ -318,7 +318,7 @@ class App:
 
     def _model_dir(self) -> Path | None:
         """The model folder whose `ei2_defaults.json` applies, as `runs` finds it (None: a hub id, no defaults)."""
-        from ..pipeline import default_model_path
+        from ..loading import default_model_path
 
         model_dir = default_model_path() if self.model is None else Path(self.model)
         return model_dir if model_dir.is_dir() else None
