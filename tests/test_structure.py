@@ -195,6 +195,45 @@ def test_softedge_closed_form_on_a_step_and_a_flat_frame():
     assert abs(int(M.softedge(half)[0, 16, 15:17, 0].max()) - 128) <= 1
 
 
+def test_layout_keeps_place_and_size_not_outline_nor_contrast():
+    import cv2
+
+    from ei2.shapes import world
+
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    frames[0, :, 32:] = 255  # one straight edge: the map reads 1/LAYOUT_UNIT of full scale along it
+    frames[1] = 90  # flat: nothing anywhere
+    got = M.layout(frames)
+    assert abs(int(got[0, 32, 28:36, 0].max()) - round(255 / M.LAYOUT_UNIT)) <= 1
+    assert got[1].max() == 0
+    # the same as Canny's binary edges low-passed by an independent Gaussian (a kernel built here, separable)
+    sigma = M.LAYOUT_FRACTION * 64
+    r = int(4 * sigma)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    edges = cv2.Canny(np.ascontiguousarray(frames[0]), M.CANNY_LOW, M.CANNY_HIGH).astype(np.float64) / 255
+    pad = np.pad(edges, r, mode="reflect")
+    blurred = np.apply_along_axis(lambda v: np.convolve(v, k, "valid"), 1, pad)
+    blurred = np.apply_along_axis(lambda v: np.convolve(v, k, "valid"), 0, blurred)
+    unit = M.LAYOUT_UNIT * k.max()  # a 1-px line low-passed across: the kernel's peak
+    expected = np.clip(np.rint(blurred / unit * 255), 0, 255)
+    assert np.abs(expected - got[0, ..., 0]).max() <= 2
+
+    def scene(shape, cx, background):
+        return world.render(world.Scenes(color=np.array([0]), shape=np.array([world.SHAPES.index(shape)]),
+                                         background=np.array([background]), cx=np.array([cx]), cy=np.array([32.0]),
+                                         size=np.array([11.0])))
+
+    circle, square = M.layout(scene("circle", 32.0, 0)), M.layout(scene("square", 32.0, 0))
+    moved = M.layout(scene("circle", 42.0, 0))
+    other_background = M.layout(scene("circle", 32.0, 2))
+    diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()  # noqa: E731
+    print(f"mean |difference|: circle-square {diff(circle, square):.2f}, moved 10 px {diff(circle, moved):.2f}, "
+          f"other background {diff(circle, other_background):.2f}")
+    assert diff(circle, square) < 0.5 * diff(circle, moved)  # where and how big, not the outline
+    assert diff(circle, other_background) < 0.1 * diff(circle, moved)  # binary edges: contrast does not count
+
+
 def test_depth_calls_the_estimator_and_normalises_over_the_video():
     calls = []
 
