@@ -379,6 +379,26 @@ def test_noise_regularization_is_part_of_the_inversion_cache_key(pipe):
     assert torch.equal(pipe.invert(latents=source, prompt="a red square", num_inference_steps=4), plain)
 
 
+def test_a_null_text_inversion_is_cached_per_noise_regularization(pipe):
+    # the null-text optimisation starts from the (regularised) DDIM trajectory: its cache entry must say which
+    from ei2.control import NullTextCache, controlled_edit
+    from ei2.inversion import NoiseRegularization
+
+    source = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    pipe.inversion_cache, pipe.null_text_cache = InversionCache(), NullTextCache()
+    options = dict(null_text=True, num_inference_steps=2, guidance_scale=3.0, null_text_inner_steps=1)
+    plain = controlled_edit(pipe, source, "a red square", ["a red square"], **options)
+    try:
+        pipe.set_noise_regularization(NoiseRegularization(steps=1, rolls=1))
+        regular = controlled_edit(pipe, source, "a red square", ["a red square"], **options)
+    finally:
+        pipe.set_noise_regularization(None)
+    assert len(pipe.null_text_cache._memory) == 2  # two entries: the plain one was not served
+    assert not torch.equal(regular.latents, plain.latents)
+    again = controlled_edit(pipe, source, "a red square", ["a red square"], **options)
+    assert len(pipe.null_text_cache._memory) == 2 and torch.equal(again.latents, plain.latents)
+
+
 # ---------------------------------------------------------------------------------------------- with control
 def test_null_text_inversion_at_a_strength_reconstructs_from_that_level(pipe):
     from ei2.control import NullTextCache, controlled_edit

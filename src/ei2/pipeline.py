@@ -85,6 +85,21 @@ class _ReportedBar:
         return getattr(self.bar, name)
 
 
+@dataclass(frozen=True)
+class Denoiser:
+    """What one inversion or sampling calls, made per call (`EI2Pipeline.denoiser_for`), nothing set from outside:
+    `model` (the video UNet, or a `WindowedUNet` over it for a long video), its other `inputs` (k-diffusion's
+    `extra_args`: a structure condition), the inversion's `noise_regularization`, `key` (what all of these make of
+    a cache key: precision, schedule, condition, regularisation, windows) and `bar(desc)`, the stage's progress-bar
+    factory."""
+
+    model: torch.nn.Module
+    inputs: dict | None
+    noise_regularization: NoiseRegularization | None
+    key: str
+    bar: Callable[[str], Callable]
+
+
 @dataclass
 class EI2PipelineOutput(BaseOutput):
     """frames: (b, f, h, w, 3) uint8 (None for output_type="latent"); latents: the final (b, c, f, h, w);
@@ -139,6 +154,17 @@ class EI2Pipeline(DiffusionPipeline):
         if self.windowed(num_frames):
             label = f"{desc} ({len(self.windowing.starts(num_frames))} windows of {self.windowing.window})"
         return functools.partial(self.progress_bar, desc=label, report_as=desc)
+
+    def denoiser_for(self, num_frames: int, control=None, inversion: bool = False) -> "Denoiser":
+        """A `Denoiser` for one inversion or sampling of a video of `num_frames`, under the (bound) structure
+        condition `control`; `inversion`: with the pipeline's noise regularisation."""
+        regularization = self.noise_regularization if inversion else None
+        parts = [self.mixed_precision, self._schedule_key()]
+        parts += [] if control is None else [control.key()]
+        parts += [] if regularization is None else [regularization.key()]
+        parts += [self.windowing_key(num_frames)] if self.windowed(num_frames) else []
+        return Denoiser(self.denoiser(num_frames), None if control is None else {"control": control}, regularization,
+                        "|".join(parts), functools.partial(self.stage_bar, num_frames=num_frames))
 
     def windowing_key(self, num_frames: int) -> str:
         """The windowing's part of cache keys ("" when `num_frames` is edited in one piece)."""
@@ -296,14 +322,9 @@ class EI2Pipeline(DiffusionPipeline):
         """Cache key of the DDIM inversion trajectory (every level, x_0 to x_T) of clean `latents` under
         `prompt` with this adapter, scheduler, precision and structure condition."""
         latents = latents.to(self.unet.device, torch.float32)
-        extra = f"trajectory|{self.mixed_precision}|{self._schedule_key()}"
-        if control is not None:
-            extra += "|" + control.key()
-        if self.noise_regularization is not None:
-            extra += "|" + self.noise_regularization.key()
-        if self.windowed(latents.shape[2]):
-            extra += "|" + self.windowing_key(latents.shape[2])
-        return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt, extra)
+        denoiser = self.denoiser_for(latents.shape[2], control, inversion=True)
+        return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt,
+                             "trajectory|" + denoiser.key)
 
     def _schedule_key(self) -> str:
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -403,12 +424,11 @@ class EI2Pipeline(DiffusionPipeline):
         if cached is not None and cached.shape[1:] == latents.shape:
             return cached.to(latents.device)
         text = self.encode_prompt(prompt).expand(latents.shape[0], -1, -1)
+        d = self.denoiser_for(latents.shape[2], control, inversion=True)
         with self.autocast():
-            trajectory = ddim_inversion_trajectory(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents,
-                                                   text, num_inference_steps,
-                                                   progress=self.stage_bar("inversion", latents.shape[2]),
-                                                   noise_regularization=self.noise_regularization,
-                                                   model_inputs=None if control is None else {"control": control})
+            trajectory = ddim_inversion_trajectory(d.model, self.ddim_scheduler(), latents, text, num_inference_steps,
+                                                   progress=d.bar("inversion"),
+                                                   noise_regularization=d.noise_regularization, model_inputs=d.inputs)
         trajectory = trajectory.float().contiguous()  # as the cache returns it: the same strides, the same numbers
         if use_cache:
             self.inversion_cache.put(key, trajectory)
@@ -522,13 +542,12 @@ class EI2Pipeline(DiffusionPipeline):
             out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
             return out.get("latents")
 
-        inputs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
-        if control is not None:
-            inputs["control"] = control
+        d = self.denoiser_for(latents.shape[2], control)
+        inputs = {**(d.inputs or {}), **({} if cross_attention_kwargs is None
+                                         else {"cross_attention_kwargs": cross_attention_kwargs})}
         with self.autocast():
-            latents = ddim_sample(self.denoiser(latents.shape[2]), self.ddim_scheduler(), latents, text, sampling, uncond,
-                                  progress=self.stage_bar("editing", latents.shape[2]), callback=on_step,
-                                  model_inputs=inputs or None)
+            latents = ddim_sample(d.model, self.ddim_scheduler(), latents, text, sampling, uncond,
+                                  progress=d.bar("editing"), callback=on_step, model_inputs=inputs or None)
         latents = latents.float()
 
         # 5. Decode

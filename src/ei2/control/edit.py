@@ -19,9 +19,9 @@ on an `EI2Pipeline` (DESIGN §1.8, §1.9).
    the controller with its stored maps (for `save_attention_grid`).
 
 What is taken from `pipe` is its public face: its components, `encode_prompt`, `invert`/`invert_trajectory`,
-`autocast()`, `ddim_scheduler()`, `denoiser(num_frames)`, `stage_bar(desc, num_frames)` (a progress-bar factory
-that reports to the pipeline's progress callback), `check_control`/`bind_control`, `adapter_hash()`,
-`windowing_key` and its caches.
+`autocast()`, `ddim_scheduler()`, `denoiser_for(num_frames, control)` (the model, its inputs, the cache key's part
+and the stage's progress bar, which reports to the pipeline's progress callback), `check_control`/`bind_control`,
+`adapter_hash()` and its caches.
 """
 from __future__ import annotations
 
@@ -61,12 +61,10 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, sampling: Samplin
     structure condition bound to the steps that run (`pipe.bind_control`), on for the trajectory and the
     optimisation."""
     latents = latents.to(pipe.unet.device, torch.float32)
-    num_frames = latents.shape[2]
+    d = pipe.denoiser_for(latents.shape[2], control, inversion=True)  # its trajectory is the (regularised) DDIM one
     key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), sampling.num_inference_steps, prompt,
                         sampling.guidance_scale, num_inner_steps, learning_rate, early_stop_epsilon,
-                        extra="|".join([pipe.mixed_precision, sampling.negative_prompt or "",
-                                        pipe.windowing_key(num_frames), f"start={sampling.start}",
-                                        control.key() if control is not None else ""]))
+                        extra="|".join([d.key, sampling.negative_prompt or "", f"start={sampling.start}"]))
     cached = pipe.null_text_cache.get(key) if use_cache else None
     if cached is not None:
         return cached
@@ -74,11 +72,10 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, sampling: Samplin
                                         use_cache=use_cache, control=control)
     with pipe.autocast():
         result = null_text_inversion(
-            pipe.denoiser(num_frames), pipe.ddim_scheduler(), latents, pipe.encode_prompt(prompt),
+            d.model, pipe.ddim_scheduler(), latents, pipe.encode_prompt(prompt),
             pipe.encode_prompt(sampling.negative_prompt or ""), sampling,
             num_inner_steps=num_inner_steps, learning_rate=learning_rate, early_stop_epsilon=early_stop_epsilon,
-            progress=pipe.stage_bar("null-text inversion", num_frames),
-            trajectory=trajectory, model_inputs=None if control is None else {"control": control},
+            progress=d.bar("null-text inversion"), trajectory=trajectory, model_inputs=d.inputs,
         )
     result = NullTextInversion(result.latents.float(), result.uncond_embeddings.float())
     if use_cache:
@@ -148,13 +145,11 @@ def controlled_edit(
 
     # 3. Denoise all branches together (source first with p2p or injection)
     x_t = x_t.to(device, torch.float32).expand(len(prompts), -1, -1, -1, -1)
+    d = pipe.denoiser_for(x_t.shape[2], control)
     with pipe.autocast():
-        out = controlled_sample(
-            pipe.denoiser(x_t.shape[2]), pipe.ddim_scheduler(), x_t, pipe.encode_prompt(prompts), sampling,
-            uncond.to(device), controller=controller, injection=feature_injection,
-            progress=pipe.stage_bar("editing", x_t.shape[2]),
-            model_inputs=None if control is None else {"control": control},
-        )
+        out = controlled_sample(d.model, pipe.ddim_scheduler(), x_t, pipe.encode_prompt(prompts), sampling,
+                                uncond.to(device), controller=controller, injection=feature_injection,
+                                progress=d.bar("editing"), model_inputs=d.inputs)
     out = out.float()
     if with_source and out.shape[0] == len(targets):  # the source branch left after its last injecting step
         return ControlledEdit(out, None, controller, prompts)
