@@ -832,8 +832,8 @@ class App:
         """The structure condition (a bundled ControlNet's kind) and its scale."""
         d = self.defaults
         bundled = sorted(cfg.bundled_controlnets(self.model_dir))
-        with gr.Accordion("Structure condition (ControlNet per frame; keeps the layout of background "
-                          "edits)", open=bool(bundled)):
+        with gr.Accordion("Structure condition (ControlNet per frame; keeps the source's "
+                          "layout)", open=bool(bundled)):
             with gr.Row():
                 control = gr.Dropdown([CONTROL_OFF, *bundled],
                                       value=d.control[0] if cfg.controlled(d) else CONTROL_OFF,
