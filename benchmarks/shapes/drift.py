@@ -83,7 +83,8 @@ def prompt_weights(kind: str, n: int) -> np.ndarray:
 def scheduled_edit(pipe, latents, source_prompt, prompts, strength, schedule="const", prompt_ramp="const"):
     """A plain DDIM edit from the cached inversion with a per-step guidance scale and a per-step text embedding
     interpolated from the source prompt's to the target's (public ei2.inversion steps)."""
-    from ei2.inversion import alpha, ddim_move, model_output, prediction_type, start_step, timesteps
+    from ei2.inversion import alpha, ddim_move, model_output, prediction_type, timesteps
+    from ei2.sampling import start_step
 
     scheduler = pipe.ddim_scheduler()
     trajectory = pipe.invert_trajectory(latents=latents, prompt=source_prompt, num_inference_steps=STEPS)
@@ -199,7 +200,8 @@ def summary(paths, within: float = 4.0) -> None:
 def trajectory(args) -> None:
     """The x0 prediction of every step of the plain edit at strength 0.6, read by the oracle (frame 0..3)."""
     from ei2.bench.spec import load_spec
-    from ei2.inversion import alpha, ddim_move, model_output, prediction_type, start_step, timesteps, to_x0
+    from ei2.inversion import alpha, ddim_move, model_output, prediction_type, timesteps, to_x0
+    from ei2.sampling import start_step
     from ei2.pipeline import EI2Pipeline
     from ei2.shapes.oracle import read_frames
 
@@ -243,7 +245,8 @@ def noise_difference(args) -> None:
     import torch.nn.functional as F
 
     from ei2.bench.spec import load_spec
-    from ei2.inversion import alpha, model_output, start_step, timesteps
+    from ei2.inversion import alpha, model_output, timesteps
+    from ei2.sampling import start_step
     from ei2.pipeline import EI2Pipeline
 
     spec = load_spec(args.spec)
