@@ -74,7 +74,7 @@ def run(args) -> None:
                 if not tuned and name not in (UNTUNED if args.untuned is None else args.untuned):
                     continue
                 t = time.perf_counter()
-                pipe.noise_regularization = NoiseRegularization() if noise_reg else None
+                pipe.set_noise_regularization(NoiseRegularization() if noise_reg else None)
                 result = pipe.edit(frames, video.source_prompt, prompts, num_inference_steps=args.inference_steps,
                                    guidance_scale=args.guidance_scale, strength=strength, guidance_rescale=rescale,
                                    guidance_rescale_std=std, injection=InjectionConfig(features, attention, 1))

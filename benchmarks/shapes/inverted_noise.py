@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     spec = load_spec(args.spec)
     pipe = EI2Pipeline.from_pretrained(args.model, recipe="ei2", device="cpu", dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
-    pipe.noise_regularization = NoiseRegularization() if args.noise_regularization else None
+    pipe.set_noise_regularization(NoiseRegularization() if args.noise_regularization else None)
     stds, means = [], []
     for video in spec.videos:
         frames, _, _ = video.load({"frames": 8, "stride": 1, "start": 0}, pipe.default_size)
