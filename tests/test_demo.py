@@ -81,21 +81,27 @@ def test_demo_default_edit_follows_the_chosen_sample():
 CANNY = default_model_path() / "controlnet-canny"
 
 
+def _controlled_demo(tmp_path, sample: str, kind: str):
+    """`ei2 demo --sample SAMPLE --control KIND`: its maps written, every frame found within 4 px of the source's
+    path; -> (the oracle's reading of the edit, the sample's record)."""
+    out = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["demo", "--sample", sample, "--control", kind, "--out", str(out), "--quiet"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["control"]["control"] == [kind] and (out / "control" / f"01-{kind}.mp4").is_file()
+    source = json.loads((samples_dir() / "index.json").read_text())[sample]
+    _, reading = _edited(out)
+    error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
+    assert reading.found.all() and (error <= 4).all(), error.round(1)
+    return reading, source
+
+
 @pytest.mark.skipif(not (CANNY / "config.json").is_file(), reason="the Shapes canny ControlNet is not bundled")
 @pytest.mark.parametrize("sample", [SAMPLE, "green_square_left_background"])
 def test_demo_with_the_canny_condition_keeps_every_frame_on_the_source_path(sample, tmp_path):
     from ei2.demo import TARGETS
-    from ei2.shapes.oracle import read_frames
 
-    out = tmp_path / "run"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["demo", "--sample", sample, "--control", "canny", "--out", str(out), "--quiet"]) == 0
-    run = json.loads((out / "run.json").read_text())
-    assert run["control"]["control"] == ["canny"] and (out / "control" / "01-canny.mp4").is_file()
-    source = json.loads((samples_dir() / "index.json").read_text())[sample]
-    frames, reading = _edited(out)
-    error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
-    assert reading.found.all() and (error <= 4).all(), error.round(1)
+    reading, source = _controlled_demo(tmp_path, sample, "canny")
     target, before = parse_caption(TARGETS[sample]), parse_caption(source["caption"])
     # an edge map holds the source's outline: the colour and the background follow the prompt; a new shape fights
     # the map (the demo's circle -> square: the square in 5 of 8 frames, README), so the shape is checked where the
@@ -116,15 +122,7 @@ def test_demo_with_the_layout_condition_keeps_the_path_and_frees_the_shape(tmp_p
     # every frame on the source's path and reads as a square in 6 of 8 frames (canny: 5 of 8; README)
     from ei2.demo import TARGETS
 
-    out = tmp_path / "run"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["demo", "--control", "layout", "--out", str(out), "--quiet"]) == 0
-    run = json.loads((out / "run.json").read_text())
-    assert run["control"]["control"] == ["layout"] and (out / "control" / "01-layout.mp4").is_file()
-    source = json.loads((samples_dir() / "index.json").read_text())[SAMPLE]
-    frames, reading = _edited(out)
-    error = np.hypot(reading.cx - np.array(source["cx"]), reading.cy - np.array(source["cy"]))
-    assert reading.found.all() and (error <= 4).all(), error.round(1)
+    reading, _ = _controlled_demo(tmp_path, SAMPLE, "layout")
     target = parse_caption(TARGETS[SAMPLE])
     for attribute, read, least in (("color", reading.color_names(), 7), ("background", reading.background_names(), 7),
                                    ("shape", reading.shape_names(), 6)):

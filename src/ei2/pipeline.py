@@ -89,14 +89,13 @@ class _ReportedBar:
 class Denoiser:
     """What one inversion or sampling calls, made per call (`EI2Pipeline.denoiser_for`), nothing set from outside:
     `model` (the video UNet, or a `WindowedUNet` over it for a long video), its other `inputs` (k-diffusion's
-    `extra_args`: a structure condition), the inversion's `noise_regularization`, `key` (what all of these make of
-    a cache key: precision, schedule, condition, regularisation, windows) and `bar(desc)`, the stage's progress-bar
-    factory."""
+    `extra_args`: a structure condition), the inversion's `noise_regularization` and `bar(desc)`, the stage's
+    progress-bar factory. What they make of a cache key is `EI2Pipeline.model_key` (computed only where a cache
+    needs it: it hashes the condition's maps)."""
 
     model: torch.nn.Module
     inputs: dict | None
     noise_regularization: NoiseRegularization | None
-    key: str
     bar: Callable[[str], Callable]
 
 
@@ -158,13 +157,19 @@ class EI2Pipeline(DiffusionPipeline):
     def denoiser_for(self, num_frames: int, control=None, inversion: bool = False) -> "Denoiser":
         """A `Denoiser` for one inversion or sampling of a video of `num_frames`, under the (bound) structure
         condition `control`; `inversion`: with the pipeline's noise regularisation."""
+        return Denoiser(self.denoiser(num_frames), None if control is None else {"control": control},
+                        self.noise_regularization if inversion else None,
+                        functools.partial(self.stage_bar, num_frames=num_frames))
+
+    def model_key(self, num_frames: int, control=None, inversion: bool = False) -> str:
+        """The part of cache keys that `denoiser_for(num_frames, control, inversion)` makes: precision, schedule,
+        the condition (nets, maps, scales, window), the noise regularisation, the windows."""
         regularization = self.noise_regularization if inversion else None
         parts = [self.mixed_precision, self._schedule_key()]
         parts += [] if control is None else [control.key()]
         parts += [] if regularization is None else [regularization.key()]
         parts += [self.windowing_key(num_frames)] if self.windowed(num_frames) else []
-        return Denoiser(self.denoiser(num_frames), None if control is None else {"control": control}, regularization,
-                        "|".join(parts), functools.partial(self.stage_bar, num_frames=num_frames))
+        return "|".join(parts)
 
     def windowing_key(self, num_frames: int) -> str:
         """The windowing's part of cache keys ("" when `num_frames` is edited in one piece)."""
@@ -322,9 +327,8 @@ class EI2Pipeline(DiffusionPipeline):
         """Cache key of the DDIM inversion trajectory (every level, x_0 to x_T) of clean `latents` under
         `prompt` with this adapter, scheduler, precision and structure condition."""
         latents = latents.to(self.unet.device, torch.float32)
-        denoiser = self.denoiser_for(latents.shape[2], control, inversion=True)
         return inversion_key(tensor_hash(latents), self.adapter_hash(), num_inference_steps, prompt,
-                             "trajectory|" + denoiser.key)
+                             "trajectory|" + self.model_key(latents.shape[2], control, inversion=True))
 
     def _schedule_key(self) -> str:
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -557,7 +561,8 @@ class EI2Pipeline(DiffusionPipeline):
         return EI2PipelineOutput(frames=frames_out, latents=latents)
 
     def edit(self, frames: np.ndarray | None, source_prompt: str, target_prompt: str | list[str], *,
-             source_latents: torch.Tensor | None = None, sampling: Sampling | None = None, p2p=None,
+             source_latents: torch.Tensor | None = None, inverted: torch.Tensor | None = None,
+             sampling: Sampling | None = None, p2p=None,
              null_text: bool = False, injection=None, record_attention: bool = False, control=None,
              control_inversion: bool = True, **kwargs) -> EI2PipelineOutput:
         """Invert the source video (frames, or its clean `source_latents`; cached) and sample it again under
@@ -572,6 +577,9 @@ class EI2Pipeline(DiffusionPipeline):
         maps (`output.attention`, for `ei2.control.save_attention_grid`). With any of them the edit is
         `ei2.control.controlled_edit`; otherwise plain DDIM sampling from the inversion (`__call__`).
         `control`: a structure condition, on every branch and, unless `control_inversion=False`, the inversion.
+        `inverted`: the inversion's latent where sampling starts (`invert(...)` with the same settings), when the
+        caller has it: a plain edit samples from it instead of looking the inversion up again (which hashes the
+        video and the adapter); a controlled edit needs the trajectory and takes it from the cache.
         """
         self._check_prompt(source_prompt, "source_prompt")
         self._check_prompt(target_prompt, "target_prompt")
@@ -582,8 +590,9 @@ class EI2Pipeline(DiffusionPipeline):
             source_latents = self.encode_frames(frames)
         injects = injection is not None and injection.active(sampling.steps_run)
         if p2p is None and not null_text and not injects and not record_attention:
-            return self(target_prompt, source_prompt=source_prompt, source_latents=source_latents,
-                        control=control, control_inversion=control_inversion, **sampling.to_dict(), **kwargs)
+            start = {"source_latents": source_latents} if inverted is None else {"latents": inverted}
+            return self(target_prompt, source_prompt=source_prompt, control=control,
+                        control_inversion=control_inversion, **start, **sampling.to_dict(), **kwargs)
         if kwargs:
             raise TypeError(f"{', '.join(kwargs)}: not taken by an edit with P2P, null-text inversion, injection or "
                             "recorded attention (`ei2.control.controlled_edit`)")

@@ -695,21 +695,23 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
     t = time.perf_counter()
     inversion_control = control if s.control_inversion else None
     cached = pipe.is_inverted(latents, s.source_prompt, s.inference_steps, inversion_control, s.strength)
-    if not s.null_text:  # null-text inversion runs (cached) in the first edit; the edits take this one from the cache
+    steps_run = sampling(s).steps_run  # the DDIM steps each edit samples
+    inverted = None
+    if not s.null_text:  # null-text inversion runs (cached) in the first edit
         report("inversion", 0, s.inference_steps)
-        pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
-                    strength=s.strength, control=inversion_control)
+        inverted = pipe.invert(latents=latents, prompt=s.source_prompt, num_inference_steps=s.inference_steps,
+                               strength=s.strength, control=inversion_control)
         report("inversion", s.inference_steps, s.inference_steps)
     timings["invert_s"] = round(time.perf_counter() - t, 3)
     record["inversion"] = {"prompt": s.source_prompt, "steps": s.inference_steps, "cached": cached,
                            "null_text": s.null_text, "strength": s.strength,
                            "noise_regularization": None if pipe.noise_regularization is None
                            else dataclasses.asdict(pipe.noise_regularization),
-                           "sampled_steps": sampling(s).steps_run}
+                           "sampled_steps": steps_run}
     if p2p is not None:
         record["p2p"] = p2p.to_dict()
     injection = injection_config(s)
-    if injection.active(sampling(s).steps_run):
+    if injection.active(steps_run):
         record["injection"] = injection.to_dict()
 
     edits, edited, timings["edit_s"] = [], [], []
@@ -719,15 +721,15 @@ def _edit_stages(s: cfg.Settings, pipe, video, size, record: dict, timings: dict
         t = time.perf_counter()
         say(f"edit {i}/{len(s.target_prompt)}: {prompt!r}")
         report.stage = f"edit {i}/{len(s.target_prompt)}"
-        report(report.stage, 0, sampling(s).steps_run)
+        report(report.stage, 0, steps_run)
         stem = f"{i:02d}-{_slug(prompt)}"
-        frames, extra = edit_one(s, pipe, latents, prompt, p2p, out / "edits" / stem, control)
+        frames, extra = edit_one(s, pipe, latents, prompt, p2p, out / "edits" / stem, control, inverted)
         timings["edit_s"].append(round(time.perf_counter() - t, 3))
         write_mp4(frames, out / "edits" / f"{stem}.mp4", fps)
         write_gif(frames, out / "edits" / f"{stem}.gif", fps)
         edits.append({"prompt": prompt, "mp4": f"edits/{stem}.mp4", "gif": f"edits/{stem}.gif", **extra})
         edited.append(frames)
-        report(report.stage, sampling(s).steps_run, sampling(s).steps_run)
+        report(report.stage, steps_run, steps_run)
     report.stage = None
 
     report("write", 0, 1)
@@ -759,14 +761,16 @@ def _write_edit_run(s: cfg.Settings, frames, made, edited, edits: list[dict], fp
     staging.commit()
 
 
-def edit_one(s: cfg.Settings, pipe, latents, prompt: str, p2p, stem: Path, control=None):
+def edit_one(s: cfg.Settings, pipe, latents, prompt: str, p2p, stem: Path, control=None, inverted=None):
     """One target prompt -> (frames (f, h, w, 3) uint8, extra run.json entries of this edit): the job layer's one
     edit, which every front end reaches, through the pipeline's one dispatcher (`EI2Pipeline.edit`) from the clean
-    source `latents` (their inversion comes from the cache). `control`: the structure condition
-    (`structure_control`), on every branch. --save-attention's grid is written beside the edit (`stem`)."""
+    source `latents` (`inverted`: their inversion at the settings' strength, if made; else from the cache).
+    `control`: the structure condition (`structure_control`), on every branch. --save-attention's grid is written
+    beside the edit (`stem`)."""
     from .control import save_attention_grid, word_token_indices
 
-    result = pipe.edit(None, s.source_prompt, [prompt], source_latents=latents, sampling=sampling(s), p2p=p2p,
+    result = pipe.edit(None, s.source_prompt, [prompt], source_latents=latents, inverted=inverted,
+                       sampling=sampling(s), p2p=p2p,
                        null_text=s.null_text, injection=injection_config(s), record_attention=bool(s.save_attention),
                        control=control, control_inversion=s.control_inversion)
     extra = {}
@@ -806,11 +810,12 @@ def check_control(s: cfg.Settings, pipe):
     from .control import build_controller, word_token_indices
     from .control.words import P2PError
 
+    steps_run = sampling(s).steps_run
     p2p = _p2p_config(s)
     if p2p is not None:
-        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, sampling(s).steps_run)
+        build_controller(p2p, pipe.tokenizer, s.source_prompt, s.target_prompt, steps_run)
     blocks = len(pipe.unet.unet.up_blocks)
-    if injection_config(s).active(sampling(s).steps_run) and s.inject_block >= blocks:
+    if injection_config(s).active(steps_run) and s.inject_block >= blocks:
         raise P2PError(f"--inject-block {s.inject_block}: this model's decoder has blocks 0..{blocks - 1}")
     if s.save_attention and not any(word_token_indices(pipe.tokenizer, p, s.save_attention)
                                     for p in [s.source_prompt, *s.target_prompt]):

@@ -79,11 +79,16 @@ def job_settings(job: Job, prompts: list[str]):
 def edit_frames(settings, pipe, latents, edits_dir: Path, control=None) -> list:
     """Every target prompt edited with `ei2.runs.edit_one`, the function `ei2 edit` uses (with the settings'
     Prompt-to-Prompt control, checked against the prompts as `ei2 edit` checks it, and the structure condition
-    `control`, on during inversion as `ei2 edit` has it); the inversion is made once and cached."""
+    `control`, on during inversion as `ei2 edit` has it); the inversion is made once, as `ei2 edit` makes it."""
     from .. import runs
 
     p2p = runs.check_control(settings, pipe)
-    return [runs.edit_one(settings, pipe, latents, prompt, p2p, edits_dir / f"{i:02d}", control)[0]
+    inverted = None
+    if not settings.null_text:
+        inverted = pipe.invert(latents=latents, prompt=settings.source_prompt,
+                               num_inference_steps=settings.inference_steps, strength=settings.strength,
+                               control=control if settings.control_inversion else None)
+    return [runs.edit_one(settings, pipe, latents, prompt, p2p, edits_dir / f"{i:02d}", control, inverted)[0]
             for i, prompt in enumerate(settings.target_prompt, 1)]
 
 

@@ -19,9 +19,9 @@ on an `EI2Pipeline` (DESIGN §1.8, §1.9).
    the controller with its stored maps (for `save_attention_grid`).
 
 What is taken from `pipe` is its public face: its components, `encode_prompt`, `invert`/`invert_trajectory`,
-`autocast()`, `ddim_scheduler()`, `denoiser_for(num_frames, control)` (the model, its inputs, the cache key's part
-and the stage's progress bar, which reports to the pipeline's progress callback), `check_control`/`bind_control`,
-`adapter_hash()` and its caches.
+`autocast()`, `ddim_scheduler()`, `denoiser_for(num_frames, control)` (the model, its inputs and the stage's
+progress bar, which reports to the pipeline's progress callback), `model_key` (their part of cache keys),
+`check_control`/`bind_control`, `adapter_hash()` and its caches.
 """
 from __future__ import annotations
 
@@ -61,15 +61,17 @@ def null_text_invert(pipe, latents: torch.Tensor, prompt: str, sampling: Samplin
     structure condition bound to the steps that run (`pipe.bind_control`), on for the trajectory and the
     optimisation."""
     latents = latents.to(pipe.unet.device, torch.float32)
-    d = pipe.denoiser_for(latents.shape[2], control, inversion=True)  # its trajectory is the (regularised) DDIM one
+    # its trajectory is the (regularised) DDIM one: the same model key as that inversion's
+    model_key = pipe.model_key(latents.shape[2], control, inversion=True)
     key = null_text_key(tensor_hash(latents), pipe.adapter_hash(), sampling.num_inference_steps, prompt,
                         sampling.guidance_scale, num_inner_steps, learning_rate, early_stop_epsilon,
-                        extra="|".join([d.key, sampling.negative_prompt or "", f"start={sampling.start}"]))
+                        extra="|".join([model_key, sampling.negative_prompt or "", f"start={sampling.start}"]))
     cached = pipe.null_text_cache.get(key) if use_cache else None
     if cached is not None:
         return cached
     trajectory = pipe.invert_trajectory(latents=latents, prompt=prompt, num_inference_steps=sampling.num_inference_steps,
                                         use_cache=use_cache, control=control)
+    d = pipe.denoiser_for(latents.shape[2], control, inversion=True)
     with pipe.autocast():
         result = null_text_inversion(
             d.model, pipe.ddim_scheduler(), latents, pipe.encode_prompt(prompt),
